@@ -1,0 +1,146 @@
+"""``mmflow`` command line: run, status, stages, ui.
+
+Exit codes: 0 success; 1 a stage failed (the resume command is printed);
+2 the pipeline or the command line is wrong (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from mmflow.config import ConfigError, load_pipeline
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.params.KEY=VALUE",
+                   help="override a param (or STAGE.resources.KEY); repeatable")
+    p.add_argument("--storage", help="storage root URI (overrides the YAML)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides MLFLOW_TRACKING_URI and the YAML)")
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the stages whose outputs are missing or stale")
+    _pipeline_args(run)
+    sel = run.add_mutually_exclusive_group()
+    sel.add_argument("--only", type=_names, metavar="STAGE[,STAGE]", help="run just these, on committed inputs")
+    sel.add_argument("--from", dest="from_stage", metavar="STAGE", help="run this stage and all downstream")
+    run.add_argument("--force", action="store_true", help="re-execute selected stages even on a cache hit")
+
+    status = sub.add_parser("status", help="state of every stage: done, stale, missing or failed")
+    _pipeline_args(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    stages = sub.add_parser("stages", help="list stage types with their params and defaults")
+    stages.add_argument("--json", action="store_true")
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on a pipeline's tracking store")
+    ui.add_argument("pipeline", nargs="?", help="pipeline YAML (for its tracking_uri)")
+    ui.add_argument("--tracking-uri")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from mmflow.runner import Runner, SelectionError, StageFailed
+
+    pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
+    runner = Runner(pipeline)
+    try:
+        report = runner.run(only=args.only, from_stage=args.from_stage, force=args.force,
+                            command=shlex.join(["mmflow", *sys.argv[1:]]))
+    except SelectionError as e:
+        print(f"mmflow: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageFailed as e:
+        print(f"\nmmflow: stage {e.stage!r} failed: {type(e.cause).__name__}: {e.cause}", file=sys.stderr)
+        print(f"mmflow: finished stages are kept; to resume run:\n  {e.resume}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"[mmflow] {pipeline.name}: {len(report.executed)} executed, {len(report.cached)} cached; "
+          f"MLflow run {report.parent_run_id} at {pipeline.tracking_uri}", flush=True)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from mmflow.runner import Runner
+
+    pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
+    rows = Runner(pipeline).status()
+    if args.json:
+        print(json.dumps({"pipeline": pipeline.name, "stages": [r.to_json() for r in rows]}, indent=2))
+        return 0
+    print(f"pipeline {pipeline.name}  storage {pipeline.storage}  tracking {pipeline.tracking_uri}")
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if k != "duration_s")
+        print(f"  {r.name:<16} {r.type:<14} {r.state:<8} {r.fingerprint}  {metrics}")
+        if r.output:
+            print(f"  {'':<16} output {r.output}")
+        if r.error:
+            print(f"  {'':<16} error  {r.error}")
+    return 0
+
+
+def cmd_stages(args) -> int:
+    from mmflow.stage import stage_types
+
+    out = {}
+    for name, cls in stage_types().items():
+        params = {}
+        for fname, f in cls.Params.model_fields.items():
+            default = None if f.is_required() else f.get_default(call_default_factory=True)
+            if hasattr(default, "model_dump"):
+                default = default.model_dump(mode="json")
+            params[fname] = {"type": getattr(f.annotation, "__name__", str(f.annotation)), "default": default,
+                             "description": f.description or ""}
+        out[name] = {"description": cls.description, "version": cls.version, "inputs": cls.inputs,
+                     "outputs": cls.outputs, "resources": cls.resources.model_dump(), "params": params}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for name, info in out.items():
+        print(f"{name}  (v{info['version']}) {info['description']}")
+        print(f"  inputs: {info['inputs'] or '-'}  outputs: {info['outputs']}  resources: {info['resources']}")
+        for pname, p in info["params"].items():
+            desc = f"  # {p['description']}" if p["description"] else ""
+            print(f"    {pname}: {p['type']} = {p['default']!r}{desc}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    uri = args.tracking_uri
+    if not uri and args.pipeline:
+        uri = load_pipeline(args.pipeline).tracking_uri
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    print(f"[mmflow] MLflow UI on http://{args.host}:{args.port} for {uri}", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "status": cmd_status, "stages": cmd_stages, "ui": cmd_ui}[args.command](args)
+    except ConfigError as e:
+        print(f"mmflow: the pipeline is not valid; nothing was run:\n" +
+              "\n".join(f"  {p}" for p in e.problems), file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Pipeline YAML -> typed, validated configs.
+
+Everything is checked here, before Ray or MLflow start: stage types, params
+(unknown or misspelt keys, wrong types), resources, inputs (unknown stage,
+unknown output, wrong kind) and cycles. All problems are gathered and raised
+as one ``ConfigError`` whose lines name the file, the stage and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mmflow.stage import Params, Resources, Stage, get_stage_type, stage_types
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+TOP_LEVEL = ("name", "storage", "tracking_uri", "stages")
+STAGE_FIELDS = ("type", "inputs", "params", "resources")
+
+
+class ConfigError(Exception):
+    """A pipeline that must not run. ``str()`` is the full, human-readable report."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class InputRef:
+    stage: str
+    output: str
+
+
+@dataclass
+class StageConfig:
+    name: str
+    stage_type: type[Stage]
+    params: Params
+    resources: Resources
+    inputs: dict[str, InputRef]
+
+    @property
+    def type(self) -> str:
+        return self.stage_type.type
+
+
+@dataclass
+class PipelineConfig:
+    path: str
+    name: str
+    storage: str
+    tracking_uri: str
+    stages: dict[str, StageConfig]  # in topological (DAG) order
+    overrides: list[str]
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(options) or 'none'})"
+
+
+def parse_set(expr: str) -> tuple[list[str], Any]:
+    """``stage.params.key=value`` -> (["stage", "params", "key"], parsed value)."""
+    if "=" not in expr:
+        raise ConfigError([f"--set {expr!r}: expected STAGE.params.KEY=VALUE"])
+    key, _, raw = expr.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 3 or parts[1] not in ("params", "resources"):
+        raise ConfigError([f"--set {expr!r}: expected STAGE.params.KEY=VALUE or STAGE.resources.KEY=VALUE"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_pipeline(
+    path: str,
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> PipelineConfig:
+    overrides = list(overrides or [])
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such pipeline file"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping with {', '.join(TOP_LEVEL)}"])
+
+    problems: list[str] = []
+    where = path
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"{where}: field {key!r}: unknown top-level field{_suggest(key, list(TOP_LEVEL))}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not STAGE_NAME.match(name):
+        problems.append(f"{where}: field 'name': required, letters/digits/_/- (got {name!r})")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        problems.append(f"{where}: field 'stages': required, a mapping of stage name -> stage")
+        raise ConfigError(problems)
+
+    # --set overrides are applied to the raw mapping so they are validated like YAML values.
+    for expr in overrides:
+        parts, value = parse_set(expr)
+        stage_name = parts[0]
+        if stage_name not in stages_raw:
+            problems.append(f"--set {expr!r}: no stage {stage_name!r}{_suggest(stage_name, list(stages_raw))}")
+            continue
+        node = stages_raw[stage_name].setdefault(parts[1], {}) if isinstance(stages_raw[stage_name], dict) else {}
+        for p in parts[2:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+
+    known_types = list(stage_types())
+    configs: dict[str, StageConfig] = {}
+    pending_inputs: dict[str, dict[str, Any]] = {}
+    for sname, sraw in stages_raw.items():
+        at = f"{where}: stage {sname!r}"
+        if not isinstance(sname, str) or not STAGE_NAME.match(sname):
+            problems.append(f"{at}: stage names use letters, digits, _ and -")
+            continue
+        if not isinstance(sraw, dict):
+            problems.append(f"{at}: expected a mapping with {', '.join(STAGE_FIELDS)}")
+            continue
+        for key in sraw:
+            if key not in STAGE_FIELDS:
+                problems.append(f"{at}, field {key!r}: unknown field{_suggest(key, list(STAGE_FIELDS))}")
+        tname = sraw.get("type")
+        stype = get_stage_type(tname) if isinstance(tname, str) else None
+        if stype is None:
+            problems.append(f"{at}, field 'type': unknown stage type {tname!r}{_suggest(str(tname), known_types)}")
+            continue
+        params = _validate(stype.Params, sraw.get("params") or {}, f"{at}, field 'params", problems)
+        base_res = stype.resources.model_dump()
+        res_raw = sraw.get("resources") or {}
+        res = _validate(Resources, {**base_res, **res_raw} if isinstance(res_raw, dict) else res_raw,
+                        f"{at}, field 'resources", problems)
+        inputs_raw = sraw.get("inputs") or {}
+        if not isinstance(inputs_raw, dict):
+            problems.append(f"{at}, field 'inputs': expected a mapping of input name -> stage[.output]")
+            inputs_raw = {}
+        pending_inputs[sname] = inputs_raw
+        if params is not None and res is not None:
+            configs[sname] = StageConfig(sname, stype, params, res, {})
+
+    for sname, inputs_raw in pending_inputs.items():
+        if sname not in configs:
+            continue
+        stype = configs[sname].stage_type
+        at = f"{where}: stage {sname!r}"
+        for iname in inputs_raw:
+            if iname not in stype.inputs:
+                problems.append(f"{at}, field 'inputs.{iname}': {stype.type} has no input {iname!r}"
+                                f"{_suggest(iname, list(stype.inputs))}")
+        for iname, kind in stype.inputs.items():
+            ref = inputs_raw.get(iname)
+            if ref is None:
+                problems.append(f"{at}, field 'inputs.{iname}': missing input ({kind}) for {stype.type}")
+                continue
+            up, _, out = str(ref).partition(".")
+            if up not in stages_raw:
+                problems.append(f"{at}, field 'inputs.{iname}': no stage {up!r}{_suggest(up, list(stages_raw))}")
+                continue
+            if up not in configs:
+                continue  # its own errors are reported already
+            up_outputs = configs[up].stage_type.outputs
+            if not out:
+                if len(up_outputs) != 1:
+                    problems.append(f"{at}, field 'inputs.{iname}': stage {up!r} has outputs "
+                                    f"{', '.join(up_outputs)}; name one as {up}.OUTPUT")
+                    continue
+                out = next(iter(up_outputs))
+            if out not in up_outputs:
+                problems.append(f"{at}, field 'inputs.{iname}': stage {up!r} has no output {out!r}"
+                                f"{_suggest(out, list(up_outputs))}")
+                continue
+            if up_outputs[out] != kind:
+                problems.append(f"{at}, field 'inputs.{iname}': needs {kind}, but {up}.{out} is {up_outputs[out]}")
+                continue
+            configs[sname].inputs[iname] = InputRef(up, out)
+
+    order = _topological_order(configs, problems, where)
+    if problems:
+        raise ConfigError(problems)
+
+    storage_uri = storage or raw.get("storage") or "./mmflow-data"
+    tracking = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or raw.get("tracking_uri")
+                or DEFAULT_TRACKING_URI)
+    return PipelineConfig(
+        path=path,
+        name=name,
+        storage=str(storage_uri),
+        tracking_uri=str(tracking),
+        stages={n: configs[n] for n in order},
+        overrides=overrides,
+    )
+
+
+def _validate(model: type, data: Any, at: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{at}': expected a mapping, got {type(data).__name__}")
+        return None
+    try:
+        return model(**data)
+    except ValidationError as e:
+        fields = list(model.model_fields)
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown param{_suggest(str(err['loc'][0]), fields)}"
+            else:
+                msg = f"{err['msg']} (got {err.get('input')!r})"
+            problems.append(f"{at}.{loc}': {msg}")
+        return None
+
+
+def _topological_order(configs: dict[str, StageConfig], problems: list[str], where: str) -> list[str]:
+    """Kahn's algorithm, keeping YAML order among ready stages; reports a cycle by name."""
+    deps = {n: {r.stage for r in c.inputs.values()} for n, c in configs.items()}
+    order: list[str] = []
+    ready = [n for n in configs if not deps[n]]
+    remaining = {n: set(d) for n, d in deps.items() if d}
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for m in list(remaining):
+            remaining[m].discard(n)
+            if not remaining[m]:
+                del remaining[m]
+                ready.append(m)
+    if remaining:
+        problems.append(f"{where}: field 'stages': inputs form a cycle among {', '.join(sorted(remaining))}")
+    return order

@@ -1,0 +1,1 @@
+"""Data formats and data-parallel helpers shared by the stages."""

@@ -1,0 +1,208 @@
+"""img2dataset-layout shards, and a resumable map over shards on Ray tasks.
+
+One shard is three files in the output folder::
+
+    {shard:05d}.tar          {key}.jpg / {key}.txt / {key}.json per successful sample
+    {shard:05d}.parquet      one row per input row, failures included
+    {shard:05d}_stats.json   counts and timings; written last, so it marks the shard done
+
+Each file is published atomically, so a killed task leaves either nothing or a
+whole file; a shard without its stats file is redone from scratch on the next
+attempt (its work is deterministic), and a shard with one is never redone.
+Keys follow img2dataset: shard number then sample number, zero-padded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from mmflow.progress import Progress
+from mmflow.storage import Storage, join
+
+# The columns img2dataset writes (for the options mmflow uses), in its order.
+BASE_COLUMNS: dict[str, pa.DataType] = {
+    "url": pa.string(),
+    "caption": pa.string(),
+    "key": pa.string(),
+    "status": pa.string(),
+    "error_message": pa.string(),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "original_width": pa.int64(),
+    "original_height": pa.int64(),
+    "exif": pa.string(),
+    "sha256": pa.string(),
+}
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def sample_key(shard: int, index: int, shard_digits: int = 5, index_digits: int = 4) -> str:
+    return f"{shard:0{shard_digits}d}{index:0{index_digits}d}"
+
+
+def stats_uri(folder: str, shard: int) -> str:
+    return join(folder, f"{shard_name(shard)}_stats.json")
+
+
+class ShardWriter:
+    """Writes one shard. Use as a context manager; ``close`` publishes parquet and stats."""
+
+    def __init__(self, storage: Storage, folder: str, shard: int,
+                 extra_columns: dict[str, pa.DataType] | None = None):
+        self.storage, self.folder, self.shard = storage, folder, shard
+        self.schema = pa.schema({**BASE_COLUMNS, **(extra_columns or {})})
+        self.rows: list[dict[str, Any]] = []
+        self.status = Counter()
+        self.errors = Counter()
+        self.bytes = 0
+        self.start = time.time()
+        self._tar_ctx = storage.open_atomic(join(folder, f"{shard_name(shard)}.tar"))
+        self._tar = wds.TarWriter(self._tar_ctx.__enter__(), encoder=False)
+        self.stats: dict[str, Any] | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if self.stats is None:
+                self.close()
+        elif self.stats is None:
+            self._tar.close()
+            self._tar_ctx.__exit__(exc_type, exc, tb)
+
+    def _row(self, row: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(row) - set(self.schema.names)
+        if unknown:
+            raise KeyError(f"shard {shard_name(self.shard)}: columns {sorted(unknown)} not in the schema")
+        return {name: row.get(name) for name in self.schema.names}
+
+    def write(self, row: dict[str, Any], image: bytes, image_ext: str = "jpg",
+              extra_json: dict[str, Any] | None = None) -> None:
+        """A successful sample: image, caption and json into the tar, a row into the parquet."""
+        row = self._row({**row, "status": "success"})
+        meta = {**{k: v for k, v in row.items()}, **(extra_json or {})}
+        self._tar.write({
+            "__key__": row["key"],
+            image_ext: image,
+            "txt": (row["caption"] or "").encode(),
+            "json": json.dumps(meta, sort_keys=True).encode(),
+        })
+        self.bytes += len(image)
+        self.rows.append(row)
+        self.status["success"] += 1
+
+    def write_failure(self, row: dict[str, Any], status: str, error: str) -> None:
+        self.rows.append(self._row({**row, "status": status, "error_message": error}))
+        self.status[status] += 1
+        self.errors[error.split(":")[0][:80]] += 1
+
+    def close(self, **extra_stats: Any) -> dict[str, Any]:
+        self._tar.close()
+        self._tar_ctx.__exit__(None, None, None)
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.storage.write_atomic(join(self.folder, f"{shard_name(self.shard)}.parquet"), buf.getvalue())
+        end = time.time()
+        stats = {
+            "count": len(self.rows),
+            "successes": self.status["success"],
+            "failed_to_download": sum(v for k, v in self.status.items() if k != "success"),
+            "failed_to_resize": 0,
+            "duration": end - self.start,
+            "start_time": self.start,
+            "end_time": end,
+            "status_dict": dict(self.status),
+            "error_counts": dict(self.errors),
+            "bytes": self.bytes,
+            **extra_stats,
+        }
+        self.storage.write_json(stats_uri(self.folder, self.shard), stats)
+        self.stats = stats
+        return stats
+
+
+def _call_shard(fn: Callable[..., dict[str, Any]], shard: int, args: tuple) -> dict[str, Any]:
+    return fn(shard, *args)
+
+
+def map_shards(
+    fn: Callable[..., dict[str, Any]],
+    shards: list[int],
+    folder: str,
+    *,
+    args: tuple = (),
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    max_in_flight: int | None = None,
+    max_retries: int = 3,
+    desc: str = "shards",
+    samples_per_shard: int | None = None,
+    storage: Storage | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``fn(shard, *args) -> stats`` as one Ray task per shard not yet done.
+
+    A shard is done when its stats file exists; done shards are read, not redone.
+    Tasks whose worker dies are retried by Ray up to ``max_retries`` times.
+    Returns the stats of every shard, in shard order.
+    """
+    import ray
+
+    storage = storage or Storage()
+    done = {s: storage.read_json_if_exists(stats_uri(folder, s)) for s in shards}
+    todo = [s for s in shards if done[s] is None]
+    if len(todo) < len(shards):
+        print(f"[{desc}] resuming: {len(shards) - len(todo)} of {len(shards)} shards already done", flush=True)
+    unit_total = (samples_per_shard or 1) * len(todo)
+    progress = Progress(unit_total, desc, unit="samples" if samples_per_shard else "shards")
+    remote = ray.remote(_call_shard).options(
+        num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, name=f"{desc}-shard")
+    limit = max_in_flight or max(1, int(ray.available_resources().get("CPU", 1) // max(cpus, 0.01)) * 2)
+    pending: dict[Any, int] = {}
+    queue = list(todo)
+    fn_ref = ray.put(fn)
+    while queue or pending:
+        while queue and len(pending) < limit:
+            s = queue.pop(0)
+            pending[remote.remote(fn_ref, s, args)] = s
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            s = pending.pop(ref)
+            try:
+                done[s] = ray.get(ref)
+            except Exception as e:
+                for r in pending:
+                    ray.cancel(r)
+                raise RuntimeError(f"shard {shard_name(s)} failed: {e}") from e
+            progress.update(done[s].get("count", 1) if samples_per_shard else 1)
+    if todo:
+        progress.close()
+    return [done[s] for s in shards]
+
+
+def list_shards(storage: Storage, folder: str) -> list[str]:
+    """URIs of the ``.tar`` shards in a folder, in order."""
+    return [f.uri for f in storage.ls(folder) if f.name.endswith(".tar") and not f.is_dir]
+
+
+def read_index(storage: Storage, folder: str) -> pa.Table:
+    """All per-shard parquet rows of a folder as one table."""
+    tables = []
+    for f in storage.ls(folder):
+        if f.name.endswith(".parquet"):
+            with storage.open_input(f.uri) as fh:
+                tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})

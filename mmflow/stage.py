@@ -1,0 +1,158 @@
+"""The stage contract and the stage-type registry.
+
+A stage type is a class registered once with ``@register``. It declares:
+
+- ``Params``: a pydantic model (unknown keys rejected, types checked at load);
+- ``inputs`` / ``outputs``: name -> kind (``shards``, ``table``, ``model`` ...);
+- ``resources``: default cpus / gpus / workers, overridable per pipeline;
+- ``version``: bumped when the stage's code changes what it produces
+  (part of the fingerprint, so a bump invalidates cached outputs).
+
+``run(ctx)`` holds only the work. Everything else (where outputs go, the
+fingerprint, the commit, MLflow) is the runner's, reached through ``ctx``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from mmflow.storage import Storage, join
+
+KINDS = ("shards", "table", "model", "tokenizer")
+MANIFEST = "_MANIFEST.json"
+
+
+class Params(BaseModel):
+    """Base for stage params: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float = 1.0  # per task / actor / training worker
+    gpus: float = 0.0  # per task / actor / training worker
+    workers: int = 1  # parallel tasks, actor-pool size or training workers
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A committed output of an upstream stage, as a downstream stage sees it."""
+
+    stage: str
+    output: str
+    kind: str
+    uri: str
+    fingerprint: str
+    manifest: dict[str, Any]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the producing stage recorded about this output (counts, files, ...)."""
+        return self.manifest["outputs"][self.output]
+
+
+@dataclass
+class StageContext:
+    """What a running stage may see and do. Built by the runner."""
+
+    pipeline: str
+    stage: str
+    params: Any
+    resources: Resources
+    inputs: dict[str, Dataset]
+    outputs: dict[str, str]  # output name -> URI to write into
+    work_uri: str  # private scratch (checkpoints, shard markers); removed at commit
+    storage: Storage
+    tracking_uri: str
+    run_id: str | None
+    output_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    _log_metrics: Callable[[dict[str, float], int | None], None] | None = None
+    _log_image: Callable[[Any, str], None] | None = None
+    _log_artifact: Callable[[str, str | None], None] | None = None
+
+    def record_output(self, name: str, **info: Any) -> None:
+        """Counts and facts about an output, stored in its manifest (e.g. ``num_samples``)."""
+        if name not in self.outputs:
+            raise KeyError(f"stage {self.stage!r} has no output {name!r}")
+        self.output_info.setdefault(name, {}).update(info)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Metrics go to MLflow; the last value of each is kept in the manifest for ``status``."""
+        clean = {k: float(v) for k, v in metrics.items()}
+        if step is None:
+            self.metrics.update(clean)
+        if self._log_metrics:
+            self._log_metrics(clean, step)
+
+    def log_image(self, image: Any, name: str) -> None:
+        if self._log_image:
+            self._log_image(image, name)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        if self._log_artifact:
+            self._log_artifact(local_path, artifact_path)
+
+    def work(self, *parts: str) -> str:
+        return join(self.work_uri, *parts)
+
+
+class Stage:
+    type: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+    inputs: ClassVar[dict[str, str]] = {}
+    outputs: ClassVar[dict[str, str]] = {}
+    resources: ClassVar[Resources] = Resources()
+
+    def run(self, ctx: StageContext) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage type available to pipelines by its ``type`` name."""
+    name = cls.type
+    for kind in [*cls.inputs.values(), *cls.outputs.values()]:
+        if kind not in KINDS:
+            raise ValueError(f"stage type {name!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"stage type {name!r} registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def stage_types() -> dict[str, type[Stage]]:
+    import mmflow.stages  # noqa: F401  (registers the built-in stages)
+
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_stage_type(name: str) -> type[Stage] | None:
+    """A built-in stage by name, or a user's stage given as ``package.module:ClassName``."""
+    types = stage_types()
+    if name in types:
+        return types[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return None
+        if isinstance(cls, type) and issubclass(cls, Stage):
+            return cls
+    return None
+
+
+def output_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str) -> str:
+    return join(storage_root, pipeline, stage, fingerprint)

@@ -1,0 +1,3 @@
+"""Built-in stage types. Importing this package registers them."""
+
+from mmflow.stages import synth_shapes  # noqa: F401

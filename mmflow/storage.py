@@ -1,0 +1,215 @@
+"""One storage abstraction over local folders and s3:// (pyarrow filesystems).
+
+Every path the runner and the stages touch is a URI string: a local path
+(absolute, or relative to the working directory) or ``s3://bucket/key``.
+``Storage.for_uri`` resolves it to a pyarrow filesystem once; S3 endpoints
+come from the usual AWS environment (``AWS_ENDPOINT_URL`` for S3-compatible
+servers such as MinIO or moto).
+
+Writes that must never be seen half-done go through ``write_atomic`` /
+``open_atomic``: on a local disk the bytes land in a hidden temporary file and
+are renamed into place; on S3 an object only appears when its upload
+completes, so the final key is written directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import IO, Any
+
+import pyarrow.fs as pafs
+
+TMP_PREFIX = "._tmp-"
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def normalize(uri: str) -> str:
+    """Absolute local path, or the URI unchanged for remote stores."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if is_remote(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+@lru_cache(maxsize=16)
+def _filesystem(scheme_and_bucket: str) -> pafs.FileSystem:
+    if scheme_and_bucket.startswith("s3://"):
+        kwargs: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+            kwargs["region"] = os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
+        return pafs.S3FileSystem(**kwargs)
+    fs, _ = pafs.FileSystem.from_uri(scheme_and_bucket)
+    return fs
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a URI."""
+    uri = normalize(uri)
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), uri
+    scheme, _, rest = uri.partition("://")
+    if scheme != "s3":
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path
+    return _filesystem("s3://"), rest
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str
+    name: str
+    size: int
+    is_dir: bool
+
+
+class Storage:
+    """File operations on URIs. Stateless; cheap to create and to pickle."""
+
+    def exists(self, uri: str) -> bool:
+        fs, path = filesystem(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def is_dir(self, uri: str) -> bool:
+        fs, path = filesystem(uri)
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+
+    def makedirs(self, uri: str) -> None:
+        fs, path = filesystem(uri)
+        if not is_remote(normalize(uri)):
+            fs.create_dir(path, recursive=True)
+
+    def ls(self, uri: str, recursive: bool = False) -> list[FileInfo]:
+        """Entries under a folder, sorted by name; empty when it does not exist."""
+        fs, path = filesystem(uri)
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+        base = normalize(uri)
+        out = []
+        for info in infos:
+            rel = posixpath.relpath(info.path, path) if is_remote(base) else os.path.relpath(info.path, path)
+            out.append(
+                FileInfo(
+                    uri=join(base, rel),
+                    name=rel,
+                    size=info.size or 0,
+                    is_dir=info.type == pafs.FileType.Directory,
+                )
+            )
+        return sorted(out, key=lambda f: f.name)
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = filesystem(uri)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri))
+
+    def read_json_if_exists(self, uri: str) -> Any | None:
+        try:
+            return self.read_json(uri)
+        except (FileNotFoundError, OSError) as e:
+            if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "NoSuchKey" in str(e):
+                return None
+            raise
+
+    def open_input(self, uri: str) -> IO[bytes]:
+        fs, path = filesystem(uri)
+        return fs.open_input_file(path)
+
+    @contextlib.contextmanager
+    def open_atomic(self, uri: str) -> Iterator[IO[bytes]]:
+        """A binary stream whose content becomes visible at ``uri`` only when the block succeeds."""
+        uri = normalize(uri)
+        fs, path = filesystem(uri)
+        if is_remote(uri):
+            # An S3 object is visible only once its upload completes; on error the
+            # multipart upload is aborted by closing without finishing it.
+            stream = fs.open_output_stream(path)
+            try:
+                yield stream
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    stream.abort()
+                raise
+            stream.close()
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    def write_atomic(self, uri: str, data: bytes) -> None:
+        with self.open_atomic(uri) as f:
+            f.write(data)
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def upload_file(self, local_path: str, uri: str) -> None:
+        with open(local_path, "rb") as src, self.open_atomic(uri) as dst:
+            shutil.copyfileobj(src, dst, length=8 << 20)
+
+    def upload_dir(self, local_dir: str, uri: str) -> None:
+        for root, _, files in os.walk(local_dir):
+            for name in files:
+                src = os.path.join(root, name)
+                rel = os.path.relpath(src, local_dir)
+                self.upload_file(src, join(uri, *rel.split(os.sep)))
+
+    def download_dir(self, uri: str, local_dir: str) -> None:
+        for info in self.ls(uri, recursive=True):
+            if info.is_dir:
+                continue
+            dst = os.path.join(local_dir, *info.name.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            fs, path = filesystem(info.uri)
+            with fs.open_input_stream(path) as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, length=8 << 20)
+
+    def delete(self, uri: str) -> None:
+        fs, path = filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+    def remove_temporaries(self, uri: str) -> int:
+        """Delete leftovers of interrupted atomic writes under a folder; returns how many."""
+        n = 0
+        for info in self.ls(uri, recursive=True):
+            if not info.is_dir and posixpath.basename(info.name).startswith(TMP_PREFIX):
+                self.delete(info.uri)
+                n += 1
+        return n
