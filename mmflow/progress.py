@@ -31,6 +31,7 @@ class Progress:
         self.done = 0
         self.start = time.monotonic()
         self._last = 0.0
+        self._printed_done = -1
 
     def update(self, n: int = 1, extra: str = "") -> None:
         self.done += n
@@ -40,6 +41,7 @@ class Progress:
             self._print(now, extra)
 
     def _print(self, now: float, extra: str) -> None:
+        self._printed_done = self.done
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
         pct = 100.0 * self.done / self.total if self.total else 100.0
@@ -51,4 +53,5 @@ class Progress:
         print(line, file=self.stream, flush=True)
 
     def close(self, extra: str = "") -> None:
-        self._print(time.monotonic(), extra)
+        if self._printed_done != self.done or extra:
+            self._print(time.monotonic(), extra)

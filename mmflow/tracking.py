@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from typing import Any
 
 from mmflow.storage import is_remote
@@ -107,7 +108,9 @@ class Tracker:
 
             datasets = []
             for name, (uri, fingerprint) in inputs.items():
-                source = resolve_dataset_source(uri if is_remote(uri) else os.path.abspath(uri))
+                with warnings.catch_warnings():  # local paths match two equivalent source types
+                    warnings.simplefilter("ignore", UserWarning)
+                    source = resolve_dataset_source(uri if is_remote(uri) else os.path.abspath(uri))
                 entity = MetaDataset(source=source, name=name, digest=fingerprint[:36])._to_mlflow_entity()
                 datasets.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", "input")]))
             if datasets:

@@ -23,7 +23,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from mmflow.progress import Progress
 from mmflow.storage import Storage, join
@@ -61,6 +60,8 @@ class ShardWriter:
 
     def __init__(self, storage: Storage, folder: str, shard: int,
                  extra_columns: dict[str, pa.DataType] | None = None):
+        import webdataset as wds  # imports torch: keep it off the config-validation path
+
         self.storage, self.folder, self.shard = storage, folder, shard
         self.schema = pa.schema({**BASE_COLUMNS, **(extra_columns or {})})
         self.rows: list[dict[str, Any]] = []

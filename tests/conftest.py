@@ -1,0 +1,46 @@
+"""Shared fixtures: one real local Ray for the session, pipelines written to tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Ray workers import test-only stages (tests.toy_stages) by module path.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+MMFLOW = [sys.executable, "-m", "mmflow.cli"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def write_pipeline(tmp_path):
+    """Write a pipeline YAML into tmp_path with storage and tracking inside tmp_path."""
+
+    def write(stages_yaml: str, name: str = "t", filename: str = "pipeline.yaml") -> str:
+        path = tmp_path / filename
+        path.write_text(
+            f"name: {name}\nstorage: {tmp_path / 'store'}\ntracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n"
+            "stages:\n" + textwrap.indent(textwrap.dedent(stages_yaml).strip("\n"), "  ") + "\n"
+        )
+        return str(path)
+
+    return write
+
+
+def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout: int = 600):
+    return subprocess.run([*MMFLOW, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,219 @@
+"""The training harness on a real (local) Ray cluster with real DeepSpeed, on CPU.
+
+The task: a 2-layer MLP regressing a fixed random linear target, so the loss
+falls fast and a trained model is easy to tell from an untrained one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from mmflow.stage import Resources, StageContext
+from mmflow.storage import Storage
+from mmflow.train import TrainConfig, TrainTask, complete_checkpoints, fit
+from mmflow.train.harness import _LRSchedule, _prune, _to_device
+
+DIM = 8
+
+# The workers cannot import this test module: ship its classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def target_weights() -> torch.Tensor:
+    return torch.randn(DIM, 1, generator=torch.Generator().manual_seed(1234))
+
+
+class Regression(TrainTask):
+    """y = x @ w. Writes "rank start_step" to ``log_dir/starts.txt`` whenever data starts,
+    and can fail once, at ``fail_at_step`` on ``fail_rank``: ``exit`` kills the process
+    (a lost worker), ``raise`` raises (a bug); ``log_dir/failed`` keeps it to once."""
+
+    def __init__(self, log_dir: str, batch_size: int = 16, grad_accum: int = 1, fail_at_step=None,
+                 fail_rank: int = 1, fail_mode: str = "exit"):
+        self.log_dir, self.batch_size, self.grad_accum = log_dir, batch_size, grad_accum
+        self.fail_at_step, self.fail_rank, self.fail_mode = fail_at_step, fail_rank, fail_mode
+        self.w = target_weights()
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def train_batches(self, rank, world_size, start_step):
+        with open(os.path.join(self.log_dir, "starts.txt"), "a") as f:
+            f.write(f"{rank} {start_step}\n")
+        gen = torch.Generator().manual_seed(1000 + 7919 * rank + start_step)
+        micro = 0
+        while True:
+            step = start_step + micro // self.grad_accum
+            if step == self.fail_at_step and rank == self.fail_rank:
+                self._maybe_fail()
+            x = torch.randn(self.batch_size, DIM, generator=gen)
+            yield {"x": x, "y": x @ self.w}
+            micro += 1
+
+    def _maybe_fail(self):
+        marker = os.path.join(self.log_dir, "failed")
+        if os.path.exists(marker):
+            return
+        open(marker, "w").close()
+        if self.fail_mode == "exit":
+            os._exit(1)
+        raise RuntimeError("injected failure")
+
+    def loss(self, model, batch):
+        pred = model(batch["x"])
+        loss = nn.functional.mse_loss(pred.float(), batch["y"])
+        return loss, {"pred_std": pred.float().std().item()}
+
+    def evaluate(self, model):
+        x = torch.randn(256, DIM, generator=torch.Generator().manual_seed(99))
+        return {"mse": nn.functional.mse_loss(model(x).float(), x @ self.w).item()}
+
+    def starts(self) -> list[tuple[int, int]]:
+        with open(os.path.join(self.log_dir, "starts.txt")) as f:
+            return sorted(tuple(map(int, line.split())) for line in f)
+
+
+def initial_mse() -> float:
+    """What predicting 0 costs: about what an untrained model scores."""
+    return float(target_weights().pow(2).sum())
+
+
+def make_ctx(tmp_path, workers=2, cpus=1.0, gpus=0.0, tracking_uri="", run_id=None) -> StageContext:
+    return StageContext(
+        pipeline="p",
+        stage="train",
+        params=None,
+        resources=Resources(cpus=cpus, gpus=gpus, workers=workers),
+        inputs={},
+        outputs={"model": str(tmp_path / "out" / "model")},
+        work_uri=str(tmp_path / "work"),
+        storage=Storage(),
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+    )
+
+
+def checkpoint_steps(ctx: StageContext) -> list[int]:
+    return [step for step, _ in complete_checkpoints(ctx.storage, ctx.work("checkpoints"))]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+def test_deepspeed_zero2_recovers_from_a_lost_worker(ray_cluster, tmp_path):
+    task = Regression(str(tmp_path), fail_at_step=25, fail_rank=1, fail_mode="exit")
+    cfg = TrainConfig(strategy="deepspeed", zero_stage=2, max_steps=40, batch_size=16, lr=1e-2,
+                      warmup_steps=5, checkpoint_every=10, eval_every=20, log_every=5,
+                      max_failures=1)
+    ctx = make_ctx(tmp_path)
+    final = fit(task, cfg, ctx)
+
+    assert os.path.exists(tmp_path / "failed")  # the failure did happen
+    assert final["step"] == 40
+    # first attempt from 0, the restart from the last complete checkpoint (20), on both ranks
+    assert task.starts() == [(0, 0), (0, 20), (1, 0), (1, 20)]
+    assert checkpoint_steps(ctx) == [30, 40]  # only the newest two are kept
+    assert final["eval/mse"] < 0.2 * initial_mse()
+    assert final["train/loss"] < 0.2 * initial_mse()
+    assert os.path.exists(tmp_path / "out" / "model" / "model.pt")
+
+
+def test_rerun_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+    cfg = TrainConfig(strategy="deepspeed", zero_stage=3, precision="bf16", max_steps=30,
+                      batch_size=16, lr=1e-2, warmup_steps=5, checkpoint_every=10, log_every=5,
+                      max_failures=0)
+    ctx = make_ctx(tmp_path)
+    broken = Regression(str(tmp_path), fail_at_step=15, fail_rank=0, fail_mode="raise")
+    with pytest.raises(ray.train.TrainingFailedError, match="injected failure"):
+        fit(broken, cfg, ctx)
+    assert checkpoint_steps(ctx) == [10]
+
+    fixed = Regression(str(tmp_path))
+    final = fit(fixed, cfg, ctx)
+    assert final["step"] == 30
+    assert fixed.starts() == [(0, 0), (0, 10), (1, 0), (1, 10)]
+    assert checkpoint_steps(ctx) == [20, 30]
+    assert final["eval/mse"] < 0.2 * initial_mse()
+
+    # a third run over a finished work dir trains nothing and reports the same model
+    again = fit(Regression(str(tmp_path)), cfg, ctx)
+    assert again["step"] == 30 and again["eval/mse"] == pytest.approx(final["eval/mse"])
+
+
+def test_ddp_grad_accum_saves_model_and_logs_to_mlflow(ray_cluster, tmp_path):
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    cfg = TrainConfig(strategy="ddp", grad_accum=2, max_steps=30, batch_size=8, lr=1e-2,
+                      warmup_steps=3, checkpoint_every=0, eval_every=10, log_every=5)
+    ctx = make_ctx(tmp_path, tracking_uri=tracking_uri, run_id=run_id)
+    task = Regression(str(tmp_path), batch_size=8, grad_accum=2)
+    final = fit(task, cfg, ctx)
+
+    assert final["step"] == 30
+    assert checkpoint_steps(ctx) == [30]  # checkpoint_every=0: only the final one
+    model = task.build_model()
+    model.load_state_dict(torch.load(tmp_path / "out" / "model" / "model.pt"))
+    assert task.evaluate(model)["mse"] == pytest.approx(final["eval/mse"], rel=1e-4)
+
+    loss = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in loss] == [5, 10, 15, 20, 25, 30]
+    assert loss[-1].value < 0.2 * loss[0].value
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mse")] == [10, 20, 30]
+    for name in ("train/lr", "train/steps_per_s", "train/samples_per_s", "train/pred_std"):
+        assert len(client.get_metric_history(run_id, name)) == 6, name
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValidationError, match="zero_stage"):
+        TrainConfig(strategy="deepspeed", zero_stage=5)
+    with pytest.raises(ValidationError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValidationError, match="max_step"):
+        TrainConfig(max_step=10)  # typo: unknown keys are errors
+    with pytest.raises(ValueError, match="fp16.*needs GPUs"):
+        fit(Regression(str(tmp_path)), TrainConfig(precision="fp16"), make_ctx(tmp_path))
+    with pytest.raises(KeyError, match="weights"):
+        fit(Regression(str(tmp_path)), TrainConfig(), make_ctx(tmp_path), model_output="weights")
+
+
+def test_lr_schedule_warms_up_then_decays():
+    sched = _LRSchedule(TrainConfig(max_steps=100, warmup_steps=10))
+    lrs = [sched(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] < 0.01
+
+
+def test_to_device_handles_nested_batches():
+    batch = {"x": torch.ones(2), "pair": (torch.zeros(1), [torch.ones(1)]), "id": "a"}
+    out = _to_device(batch, torch.device("cpu"))
+    assert out["id"] == "a" and isinstance(out["pair"], tuple) and isinstance(out["pair"][1], list)
+    assert torch.equal(out["x"], batch["x"])
+
+
+def test_prune_keeps_newest_two_complete_checkpoints(tmp_path):
+    storage, root = Storage(), str(tmp_path / "checkpoints")
+    for step, complete in [(10, True), (20, True), (25, False), (30, True), (40, False)]:
+        storage.write_json(f"{root}/step_{step:08d}/state.json", {})
+        if complete:
+            storage.write_json(f"{root}/step_{step:08d}/_COMPLETE", {"step": step})
+    _prune(storage, root)
+    assert [s for s, _ in complete_checkpoints(storage, root)] == [20, 30]
+    # the partial one older than the newest complete goes; a newer partial stays (to be redone)
+    assert sorted(i.name for i in storage.ls(root)) == ["step_00000020", "step_00000030", "step_00000040"]
