@@ -158,24 +158,32 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
             window.add(*runner.micro_step(task, batch, last=micro == cfg.grad_accum - 1))
         runner.optimizer_step()
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            last = window.flush(lr=runner.lr)
-            _report(last, step, tracker)
+        logged = _every(cfg.log_every, step) or step == cfg.max_steps
+        evaluated = _every(cfg.eval_every, step) and step < cfg.max_steps  # the final ones follow
+        checkpointed = _every(cfg.checkpoint_every, step) and step < cfg.max_steps
+        last = window.flush(lr=runner.lr) if logged else last
+        evals = _evaluate(task, runner, cfg, rank) if evaluated else {}
+        tracker.log({**(last if logged else {}), **evals}, step)
         progress.update(step, last.get("train/loss"))
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            _report(_evaluate(task, runner, cfg, rank), step, tracker)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+        if checkpointed:
             saved = _save_checkpoint(runner, storage, ckpt_root, step, cfg, rank, world)
+        if evaluated or checkpointed:  # not every log step: each report may wait ~2 s for Ray
+            _ray_report({**last, **evals}, step)
 
     if saved != step:
         _save_checkpoint(runner, storage, ckpt_root, step, cfg, rank, world)
-    final = {"step": float(step), **{k: v for k, v in last.items() if k == "train/loss"}}
-    final.update(_evaluate(task, runner, cfg, rank))
-    _report(final, step, tracker)
+    evals = _evaluate(task, runner, cfg, rank)
+    tracker.log(evals, step)
+    final = {"step": float(step), **{k: v for k, v in last.items() if k == "train/loss"}, **evals}
+    _ray_report(final, step)
     if config["model_uri"] is not None:
         _save_model(task, runner, storage, config["model_uri"], rank)
     progress.update(step, last.get("train/loss"), force=True)
     return final if rank == 0 else None
+
+
+def _every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
 
 
 class _DDPRunner:
@@ -445,16 +453,16 @@ class _Tracker:
             self._client = self._client or MlflowClient(self.tracking_uri)
             now = int(time.time() * 1000)
             items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-            self._client.log_batch(self.run_id, metrics=items)
+            self._client.log_batch(self.run_id, metrics=items[:1000])  # MLflow's batch limit
         except Exception as e:  # a flaky tracking server must not kill a long run
             print(f"[train] warning: MLflow logging failed: {e}", flush=True)
 
 
-def _report(metrics: dict[str, float], step: int, tracker: _Tracker) -> None:
+def _ray_report(metrics: dict[str, float], step: int) -> None:
     import ray.train
 
-    ray.train.report({**metrics, "step": step})  # every rank, same number of times
-    tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+    # Every rank, the same number of times (a barrier); Ray keeps rank 0's.
+    ray.train.report({**metrics, "step": step})
 
 
 class _Progress:

@@ -1,0 +1,78 @@
+"""The ``mmflow`` command end to end in subprocesses: kill -9 and resume, status, stages."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+
+from tests.conftest import MMFLOW, ROOT, run_cli
+
+QUICKSTART = os.path.join(ROOT, "pipelines", "quickstart.yaml")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (its local Ray included)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    family = [parent, *parent.children(recursive=True)]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_sigkill_during_synth_then_rerun_is_exact(tmp_path):
+    n, per_shard = 3000, 100
+    args = ["run", QUICKSTART, "--only", "synth", "--set", f"synth.params.num_samples={n}",
+            "--set", f"synth.params.samples_per_shard={per_shard}", "--set", "synth.resources.workers=1",
+            "--storage", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    proc = subprocess.Popen([*MMFLOW, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pattern = str(tmp_path / "store" / "quickstart" / "synth" / "*" / "shards" / "*_stats.json")
+    deadline = time.time() + 240
+    while len(glob.glob(pattern)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed; make it bigger"
+    _kill_tree(proc)
+    done_before = {p: os.stat(p).st_mtime_ns for p in glob.glob(pattern)}
+    assert 3 <= len(done_before) < n // per_shard
+    [out] = glob.glob(str(tmp_path / "store" / "quickstart" / "synth" / "*"))
+    assert not os.path.exists(os.path.join(out, "_MANIFEST.json"))  # nothing committed
+
+    status = json.loads(run_cli("status", QUICKSTART, *args[4:], "--json", cwd=str(tmp_path)).stdout)
+    assert status["stages"][0]["state"] == "missing"
+
+    r = run_cli(*args, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already done" in r.stdout
+    for p, mtime in done_before.items():  # finished shards were not redone
+        assert os.stat(p).st_mtime_ns == mtime
+    keys = []
+    for tar in sorted(glob.glob(os.path.join(out, "shards", "*.tar"))):
+        with tarfile.open(tar) as tf:  # a truncated tar would raise here
+            keys += [m.name[: -len(".jpg")] for m in tf.getmembers() if m.name.endswith(".jpg")]
+    assert len(keys) == n and len(set(keys)) == n
+    leftovers = [f for _, _, fs in os.walk(out) for f in fs if f.startswith("._tmp")]
+    assert leftovers == [] and not os.path.exists(os.path.join(out, "_work"))
+
+    status = json.loads(run_cli("status", QUICKSTART, *args[4:], "--json", cwd=str(tmp_path)).stdout)
+    [synth] = [s for s in status["stages"] if s["name"] == "synth"]
+    assert status["pipeline"] == "quickstart"
+    assert synth["state"] == "done" and synth["output"] == out and synth["mlflow_run_id"]
+    assert synth["metrics"]["num_samples"] == n
+    assert set(synth) >= {"name", "type", "state", "fingerprint", "output", "mlflow_run_id", "metrics"}
+
+
+def test_stages_lists_params_with_defaults():
+    r = subprocess.run([*MMFLOW, "stages", "--json"], capture_output=True, text=True, timeout=120)
+    info = json.loads(r.stdout)["synth_shapes"]
+    assert info["params"]["num_samples"]["default"] == 2048
+    assert info["outputs"] == {"shards": "shards"}
