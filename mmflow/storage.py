@@ -50,18 +50,14 @@ def join(uri: str, *parts: str) -> str:
 
 
 @lru_cache(maxsize=16)
-def _filesystem(scheme_and_bucket: str) -> pafs.FileSystem:
-    if scheme_and_bucket.startswith("s3://"):
-        kwargs: dict[str, Any] = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-        if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
-            kwargs["region"] = os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
-        return pafs.S3FileSystem(**kwargs)
-    fs, _ = pafs.FileSystem.from_uri(scheme_and_bucket)
-    return fs
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -73,7 +69,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if scheme != "s3":
         fs, path = pafs.FileSystem.from_uri(uri)
         return fs, path
-    return _filesystem("s3://"), rest
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return _s3(endpoint, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")), rest
 
 
 @dataclass(frozen=True)
