@@ -19,10 +19,18 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="pipeline YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.params.KEY=VALUE",
-                   help="override a param (or STAGE.resources.KEY); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.params.KEY=VALUE",
+        help="override a param (or STAGE.resources.KEY); repeatable",
+    )
     p.add_argument("--storage", help="storage root URI (overrides the YAML)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides MLFLOW_TRACKING_URI and the YAML)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (overrides MLFLOW_TRACKING_URI and the YAML)"
+    )
 
 
 def _names(value: str) -> list[str]:
@@ -36,9 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the stages whose outputs are missing or stale")
     _pipeline_args(run)
     sel = run.add_mutually_exclusive_group()
-    sel.add_argument("--only", type=_names, metavar="STAGE[,STAGE]", help="run just these, on committed inputs")
-    sel.add_argument("--from", dest="from_stage", metavar="STAGE", help="run this stage and all downstream")
-    run.add_argument("--force", action="store_true", help="re-execute selected stages even on a cache hit")
+    sel.add_argument(
+        "--only", type=_names, metavar="STAGE[,STAGE]", help="run just these, on committed inputs"
+    )
+    sel.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="run this stage and all downstream"
+    )
+    run.add_argument(
+        "--force", action="store_true", help="re-execute selected stages even on a cache hit"
+    )
 
     status = sub.add_parser("status", help="state of every stage: done, stale, missing or failed")
     _pipeline_args(status)
@@ -61,17 +75,27 @@ def cmd_run(args) -> int:
     pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
     runner = Runner(pipeline)
     try:
-        report = runner.run(only=args.only, from_stage=args.from_stage, force=args.force,
-                            command=shlex.join(["mmflow", *sys.argv[1:]]))
+        report = runner.run(
+            only=args.only,
+            from_stage=args.from_stage,
+            force=args.force,
+            command=shlex.join(["mmflow", *sys.argv[1:]]),
+        )
     except SelectionError as e:
         print(f"mmflow: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailed as e:
-        print(f"\nmmflow: stage {e.stage!r} failed: {type(e.cause).__name__}: {e.cause}", file=sys.stderr)
+        print(
+            f"\nmmflow: stage {e.stage!r} failed: {type(e.cause).__name__}: {e.cause}",
+            file=sys.stderr,
+        )
         print(f"mmflow: finished stages are kept; to resume run:\n  {e.resume}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"[mmflow] {pipeline.name}: {len(report.executed)} executed, {len(report.cached)} cached; "
-          f"MLflow run {report.parent_run_id} at {pipeline.tracking_uri}", flush=True)
+    print(
+        f"[mmflow] {pipeline.name}: {len(report.executed)} executed, {len(report.cached)} cached; "
+        f"MLflow run {report.parent_run_id} at {pipeline.tracking_uri}",
+        flush=True,
+    )
     return 0
 
 
@@ -81,11 +105,15 @@ def cmd_status(args) -> int:
     pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
     rows = Runner(pipeline).status()
     if args.json:
-        print(json.dumps({"pipeline": pipeline.name, "stages": [r.to_json() for r in rows]}, indent=2))
+        print(
+            json.dumps({"pipeline": pipeline.name, "stages": [r.to_json() for r in rows]}, indent=2)
+        )
         return 0
     print(f"pipeline {pipeline.name}  storage {pipeline.storage}  tracking {pipeline.tracking_uri}")
     for r in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if k != "duration_s")
+        metrics = ", ".join(
+            f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if k != "duration_s"
+        )
         print(f"  {r.name:<16} {r.type:<14} {r.state:<8} {r.fingerprint}  {metrics}")
         if r.output:
             print(f"  {'':<16} output {r.output}")
@@ -104,16 +132,27 @@ def cmd_stages(args) -> int:
             default = None if f.is_required() else f.get_default(call_default_factory=True)
             if hasattr(default, "model_dump"):
                 default = default.model_dump(mode="json")
-            params[fname] = {"type": getattr(f.annotation, "__name__", str(f.annotation)), "default": default,
-                             "description": f.description or ""}
-        out[name] = {"description": cls.description, "version": cls.version, "inputs": cls.inputs,
-                     "outputs": cls.outputs, "resources": cls.resources.model_dump(), "params": params}
+            params[fname] = {
+                "type": getattr(f.annotation, "__name__", str(f.annotation)),
+                "default": default,
+                "description": f.description or "",
+            }
+        out[name] = {
+            "description": cls.description,
+            "version": cls.version,
+            "inputs": cls.inputs,
+            "outputs": cls.outputs,
+            "resources": cls.resources.model_dump(),
+            "params": params,
+        }
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
     for name, info in out.items():
         print(f"{name}  (v{info['version']}) {info['description']}")
-        print(f"  inputs: {info['inputs'] or '-'}  outputs: {info['outputs']}  resources: {info['resources']}")
+        print(
+            f"  inputs: {info['inputs'] or '-'}  outputs: {info['outputs']}  resources: {info['resources']}"
+        )
         for pname, p in info["params"].items():
             desc = f"  # {p['description']}" if p["description"] else ""
             print(f"    {pname}: {p['type']} = {p['default']!r}{desc}")
@@ -125,8 +164,18 @@ def cmd_ui(args) -> int:
     if not uri and args.pipeline:
         uri = load_pipeline(args.pipeline).tracking_uri
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     print(f"[mmflow] MLflow UI on http://{args.host}:{args.port} for {uri}", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
@@ -135,10 +184,15 @@ def cmd_ui(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "status": cmd_status, "stages": cmd_stages, "ui": cmd_ui}[args.command](args)
+        return {"run": cmd_run, "status": cmd_status, "stages": cmd_stages, "ui": cmd_ui}[
+            args.command
+        ](args)
     except ConfigError as e:
-        print(f"mmflow: the pipeline is not valid; nothing was run:\n" +
-              "\n".join(f"  {p}" for p in e.problems), file=sys.stderr)
+        print(
+            "mmflow: the pipeline is not valid; nothing was run:\n"
+            + "\n".join(f"  {p}" for p in e.problems),
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
 

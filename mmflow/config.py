@@ -74,7 +74,9 @@ def parse_set(expr: str) -> tuple[list[str], Any]:
     key, _, raw = expr.partition("=")
     parts = key.strip().split(".")
     if len(parts) < 3 or parts[1] not in ("params", "resources"):
-        raise ConfigError([f"--set {expr!r}: expected STAGE.params.KEY=VALUE or STAGE.resources.KEY=VALUE"])
+        raise ConfigError(
+            [f"--set {expr!r}: expected STAGE.params.KEY=VALUE or STAGE.resources.KEY=VALUE"]
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -103,7 +105,9 @@ def load_pipeline(
     where = path
     for key in raw:
         if key not in TOP_LEVEL:
-            problems.append(f"{where}: field {key!r}: unknown top-level field{_suggest(key, list(TOP_LEVEL))}")
+            problems.append(
+                f"{where}: field {key!r}: unknown top-level field{_suggest(key, list(TOP_LEVEL))}"
+            )
     name = raw.get("name")
     if not isinstance(name, str) or not STAGE_NAME.match(name):
         problems.append(f"{where}: field 'name': required, letters/digits/_/- (got {name!r})")
@@ -117,9 +121,15 @@ def load_pipeline(
         parts, value = parse_set(expr)
         stage_name = parts[0]
         if stage_name not in stages_raw:
-            problems.append(f"--set {expr!r}: no stage {stage_name!r}{_suggest(stage_name, list(stages_raw))}")
+            problems.append(
+                f"--set {expr!r}: no stage {stage_name!r}{_suggest(stage_name, list(stages_raw))}"
+            )
             continue
-        node = stages_raw[stage_name].setdefault(parts[1], {}) if isinstance(stages_raw[stage_name], dict) else {}
+        node = (
+            stages_raw[stage_name].setdefault(parts[1], {})
+            if isinstance(stages_raw[stage_name], dict)
+            else {}
+        )
         for p in parts[2:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
@@ -137,20 +147,30 @@ def load_pipeline(
             continue
         for key in sraw:
             if key not in STAGE_FIELDS:
-                problems.append(f"{at}, field {key!r}: unknown field{_suggest(key, list(STAGE_FIELDS))}")
+                problems.append(
+                    f"{at}, field {key!r}: unknown field{_suggest(key, list(STAGE_FIELDS))}"
+                )
         tname = sraw.get("type")
         stype = get_stage_type(tname) if isinstance(tname, str) else None
         if stype is None:
-            problems.append(f"{at}, field 'type': unknown stage type {tname!r}{_suggest(str(tname), known_types)}")
+            problems.append(
+                f"{at}, field 'type': unknown stage type {tname!r}{_suggest(str(tname), known_types)}"
+            )
             continue
         params = _validate(stype.Params, sraw.get("params") or {}, f"{at}, field 'params", problems)
         base_res = stype.resources.model_dump()
         res_raw = sraw.get("resources") or {}
-        res = _validate(Resources, {**base_res, **res_raw} if isinstance(res_raw, dict) else res_raw,
-                        f"{at}, field 'resources", problems)
+        res = _validate(
+            Resources,
+            {**base_res, **res_raw} if isinstance(res_raw, dict) else res_raw,
+            f"{at}, field 'resources",
+            problems,
+        )
         inputs_raw = sraw.get("inputs") or {}
         if not isinstance(inputs_raw, dict):
-            problems.append(f"{at}, field 'inputs': expected a mapping of input name -> stage[.output]")
+            problems.append(
+                f"{at}, field 'inputs': expected a mapping of input name -> stage[.output]"
+            )
             inputs_raw = {}
         pending_inputs[sname] = inputs_raw
         if params is not None and res is not None:
@@ -163,32 +183,44 @@ def load_pipeline(
         at = f"{where}: stage {sname!r}"
         for iname in inputs_raw:
             if iname not in stype.inputs:
-                problems.append(f"{at}, field 'inputs.{iname}': {stype.type} has no input {iname!r}"
-                                f"{_suggest(iname, list(stype.inputs))}")
+                problems.append(
+                    f"{at}, field 'inputs.{iname}': {stype.type} has no input {iname!r}"
+                    f"{_suggest(iname, list(stype.inputs))}"
+                )
         for iname, kind in stype.inputs.items():
             ref = inputs_raw.get(iname)
             if ref is None:
-                problems.append(f"{at}, field 'inputs.{iname}': missing input ({kind}) for {stype.type}")
+                problems.append(
+                    f"{at}, field 'inputs.{iname}': missing input ({kind}) for {stype.type}"
+                )
                 continue
             up, _, out = str(ref).partition(".")
             if up not in stages_raw:
-                problems.append(f"{at}, field 'inputs.{iname}': no stage {up!r}{_suggest(up, list(stages_raw))}")
+                problems.append(
+                    f"{at}, field 'inputs.{iname}': no stage {up!r}{_suggest(up, list(stages_raw))}"
+                )
                 continue
             if up not in configs:
                 continue  # its own errors are reported already
             up_outputs = configs[up].stage_type.outputs
             if not out:
                 if len(up_outputs) != 1:
-                    problems.append(f"{at}, field 'inputs.{iname}': stage {up!r} has outputs "
-                                    f"{', '.join(up_outputs)}; name one as {up}.OUTPUT")
+                    problems.append(
+                        f"{at}, field 'inputs.{iname}': stage {up!r} has outputs "
+                        f"{', '.join(up_outputs)}; name one as {up}.OUTPUT"
+                    )
                     continue
                 out = next(iter(up_outputs))
             if out not in up_outputs:
-                problems.append(f"{at}, field 'inputs.{iname}': stage {up!r} has no output {out!r}"
-                                f"{_suggest(out, list(up_outputs))}")
+                problems.append(
+                    f"{at}, field 'inputs.{iname}': stage {up!r} has no output {out!r}"
+                    f"{_suggest(out, list(up_outputs))}"
+                )
                 continue
             if up_outputs[out] != kind:
-                problems.append(f"{at}, field 'inputs.{iname}': needs {kind}, but {up}.{out} is {up_outputs[out]}")
+                problems.append(
+                    f"{at}, field 'inputs.{iname}': needs {kind}, but {up}.{out} is {up_outputs[out]}"
+                )
                 continue
             configs[sname].inputs[iname] = InputRef(up, out)
 
@@ -197,8 +229,12 @@ def load_pipeline(
         raise ConfigError(problems)
 
     storage_uri = storage or raw.get("storage") or "./mmflow-data"
-    tracking = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or raw.get("tracking_uri")
-                or DEFAULT_TRACKING_URI)
+    tracking = (
+        tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or raw.get("tracking_uri")
+        or DEFAULT_TRACKING_URI
+    )
     return PipelineConfig(
         path=path,
         name=name,
@@ -227,7 +263,9 @@ def _validate(model: type, data: Any, at: str, problems: list[str]) -> Any:
         return None
 
 
-def _topological_order(configs: dict[str, StageConfig], problems: list[str], where: str) -> list[str]:
+def _topological_order(
+    configs: dict[str, StageConfig], problems: list[str], where: str
+) -> list[str]:
     """Kahn's algorithm, keeping YAML order among ready stages; reports a cycle by name."""
     deps = {n: {r.stage for r in c.inputs.values()} for n, c in configs.items()}
     order: list[str] = []
@@ -242,5 +280,7 @@ def _topological_order(configs: dict[str, StageConfig], problems: list[str], whe
                 del remaining[m]
                 ready.append(m)
     if remaining:
-        problems.append(f"{where}: field 'stages': inputs form a cycle among {', '.join(sorted(remaining))}")
+        problems.append(
+            f"{where}: field 'stages': inputs form a cycle among {', '.join(sorted(remaining))}"
+        )
     return order

@@ -22,7 +22,9 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, unit: str = "items", interval: float = 5.0, stream=None):
+    def __init__(
+        self, total: int, desc: str, unit: str = "items", interval: float = 5.0, stream=None
+    ):
         self.total = total
         self.desc = desc
         self.unit = unit
@@ -48,8 +50,10 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_s = format_duration(eta) if eta != float("inf") else "?"
         tail = f" {extra}" if extra else ""
-        line = (f"[{self.desc}] {self.done}/{self.total} {self.unit} ({pct:.0f}%) "
-                f"{rate:.1f} {self.unit}/s elapsed {format_duration(elapsed)} ETA {eta_s}{tail}")
+        line = (
+            f"[{self.desc}] {self.done}/{self.total} {self.unit} ({pct:.0f}%) "
+            f"{rate:.1f} {self.unit}/s elapsed {format_duration(elapsed)} ETA {eta_s}{tail}"
+        )
         print(line, file=self.stream, flush=True)
 
     def close(self, extra: str = "") -> None:

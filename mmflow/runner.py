@@ -47,7 +47,9 @@ def fingerprint(cfg: StageConfig, upstream: dict[str, str]) -> str:
         "type": cfg.type,
         "version": cfg.stage_type.version,
         "params": cfg.params.model_dump(mode="json"),
-        "inputs": {name: f"{ref.output}@{upstream[ref.stage]}" for name, ref in sorted(cfg.inputs.items())},
+        "inputs": {
+            name: f"{ref.output}@{upstream[ref.stage]}" for name, ref in sorted(cfg.inputs.items())
+        },
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -65,8 +67,10 @@ class StageStatus:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in
-             ("name", "type", "state", "fingerprint", "output", "mlflow_run_id", "metrics")}
+        d = {
+            k: getattr(self, k)
+            for k in ("name", "type", "state", "fingerprint", "output", "mlflow_run_id", "metrics")
+        }
         if self.error:
             d["error"] = self.error
         return d
@@ -113,19 +117,47 @@ class Runner:
             fp, uri = self.fingerprints[name], self.uri(name)
             man = self.manifest(name)
             if man is not None:
-                out.append(StageStatus(name, cfg.type, "done", fp, uri, man.get("mlflow_run_id"),
-                                       man.get("metrics", {})))
+                out.append(
+                    StageStatus(
+                        name,
+                        cfg.type,
+                        "done",
+                        fp,
+                        uri,
+                        man.get("mlflow_run_id"),
+                        man.get("metrics", {}),
+                    )
+                )
                 continue
             failed = self.storage.read_json_if_exists(join(uri, FAILED))
             if failed is not None:
-                out.append(StageStatus(name, cfg.type, "failed", fp, None, failed.get("mlflow_run_id"),
-                                       {}, failed.get("error")))
+                out.append(
+                    StageStatus(
+                        name,
+                        cfg.type,
+                        "failed",
+                        fp,
+                        None,
+                        failed.get("mlflow_run_id"),
+                        {},
+                        failed.get("error"),
+                    )
+                )
                 continue
             latest = self.storage.read_json_if_exists(join(self.root, self.p.name, name, LATEST))
             old = latest and self.storage.read_json_if_exists(join(latest["output"], MANIFEST))
             if old:
-                out.append(StageStatus(name, cfg.type, "stale", fp, latest["output"],
-                                       old.get("mlflow_run_id"), old.get("metrics", {})))
+                out.append(
+                    StageStatus(
+                        name,
+                        cfg.type,
+                        "stale",
+                        fp,
+                        latest["output"],
+                        old.get("mlflow_run_id"),
+                        old.get("metrics", {}),
+                    )
+                )
             else:
                 out.append(StageStatus(name, cfg.type, "missing", fp, None, None))
         return out
@@ -141,7 +173,10 @@ class Runner:
         elif from_stage:
             chosen = [from_stage]
             for n in names:  # DAG order: a stage follows all of its inputs
-                if any(r.stage in chosen for r in self.p.stages[n].inputs.values()) and n not in chosen:
+                if (
+                    any(r.stage in chosen for r in self.p.stages[n].inputs.values())
+                    and n not in chosen
+                ):
                     chosen.append(n)
             chosen = [n for n in names if n in chosen]
         else:
@@ -152,7 +187,8 @@ class Runner:
                     raise SelectionError(
                         f"stage {n!r} needs the output of {ref.stage!r}, which has no committed output "
                         f"for fingerprint {self.fingerprints[ref.stage]}; run it first "
-                        f"(mmflow run {self.p.path} --only {ref.stage}) or drop --only/--from")
+                        f"(mmflow run {self.p.path} --only {ref.stage}) or drop --only/--from"
+                    )
         return chosen
 
     def resume_command(self, only: list[str] | None, from_stage: str | None) -> str:
@@ -167,15 +203,30 @@ class Runner:
         return shlex.join(args)
 
     # ---- running --------------------------------------------------------------
-    def run(self, only: list[str] | None = None, from_stage: str | None = None, force: bool = False,
-            command: str = "") -> RunReport:
+    def run(
+        self,
+        only: list[str] | None = None,
+        from_stage: str | None = None,
+        force: bool = False,
+        command: str = "",
+    ) -> RunReport:
         from mmflow.tracking import Tracker, flatten
 
         chosen = self.select(only, from_stage)
         tracker = Tracker(self.p.tracking_uri, self.p.name)
-        parent = tracker.start_parent(command or shlex.join(sys.argv), flatten("", {
-            "pipeline_file": self.p.path, "storage": self.root, "overrides": self.p.overrides,
-            "stages": {n: self.fingerprints[n] for n in chosen}}, {}))
+        parent = tracker.start_parent(
+            command or shlex.join(sys.argv),
+            flatten(
+                "",
+                {
+                    "pipeline_file": self.p.path,
+                    "storage": self.root,
+                    "overrides": self.p.overrides,
+                    "stages": {n: self.fingerprints[n] for n in chosen},
+                },
+                {},
+            ),
+        )
         report = RunReport(parent, [], [])
         try:
             for name in chosen:
@@ -202,7 +253,12 @@ class Runner:
         from mmflow import tracking
         from mmflow.tracking import flatten
 
-        cfg, fp, uri, st = self.p.stages[name], self.fingerprints[name], self.uri(name), self.storage
+        cfg, fp, uri, st = (
+            self.p.stages[name],
+            self.fingerprints[name],
+            self.uri(name),
+            self.storage,
+        )
         st.makedirs(uri)
         st.delete(join(uri, FAILED))
         leftovers = st.remove_temporaries(uri)
@@ -210,26 +266,57 @@ class Runner:
         for iname, ref in cfg.inputs.items():
             man = self.manifest(ref.stage)
             if man is None:
-                raise StageFailed(name, RuntimeError(f"input {iname!r}: {ref.stage!r} has no committed output"), "")
-            inputs[iname] = Dataset(ref.stage, ref.output, man["outputs"][ref.output]["kind"],
-                                    man["outputs"][ref.output]["uri"], man["fingerprint"], man)
+                raise StageFailed(
+                    name,
+                    RuntimeError(f"input {iname!r}: {ref.stage!r} has no committed output"),
+                    "",
+                )
+            inputs[iname] = Dataset(
+                ref.stage,
+                ref.output,
+                man["outputs"][ref.output]["kind"],
+                man["outputs"][ref.output]["uri"],
+                man["fingerprint"],
+                man,
+            )
         run_id = tracker.start_stage(name, cfg.type, fp, uri)
-        tracker.log_params(run_id, flatten("", {
-            "params": cfg.params.model_dump(mode="json"), "resources": cfg.resources.model_dump(),
-            "fingerprint": fp, "code_version": cfg.stage_type.version, "output_uri": uri,
-            "inputs": {k: v.uri for k, v in inputs.items()}}, {}))
+        tracker.log_params(
+            run_id,
+            flatten(
+                "",
+                {
+                    "params": cfg.params.model_dump(mode="json"),
+                    "resources": cfg.resources.model_dump(),
+                    "fingerprint": fp,
+                    "code_version": cfg.stage_type.version,
+                    "output_uri": uri,
+                    "inputs": {k: v.uri for k, v in inputs.items()},
+                },
+                {},
+            ),
+        )
         tracker.log_inputs(run_id, {k: (v.uri, v.fingerprint) for k, v in inputs.items()})
         turi = self.p.tracking_uri
         ctx = StageContext(
-            pipeline=self.p.name, stage=name, params=cfg.params, resources=cfg.resources, inputs=inputs,
-            outputs={o: join(uri, o) for o in cfg.stage_type.outputs}, work_uri=join(uri, "_work"),
-            storage=st, tracking_uri=turi, run_id=run_id,
+            pipeline=self.p.name,
+            stage=name,
+            params=cfg.params,
+            resources=cfg.resources,
+            inputs=inputs,
+            outputs={o: join(uri, o) for o in cfg.stage_type.outputs},
+            work_uri=join(uri, "_work"),
+            storage=st,
+            tracking_uri=turi,
+            run_id=run_id,
             _log_metrics=lambda m, step: tracking.log_metrics(turi, run_id, m, step),
             _log_image=lambda img, n: tracking.log_image(turi, run_id, img, n),
             _log_artifact=lambda path, ap: tracking.log_artifact(turi, run_id, path, ap),
         )
-        print(f"[mmflow] {name}: running {cfg.type} -> {uri}" +
-              (f" (removed {leftovers} partial files of an earlier attempt)" if leftovers else ""), flush=True)
+        print(
+            f"[mmflow] {name}: running {cfg.type} -> {uri}"
+            + (f" (removed {leftovers} partial files of an earlier attempt)" if leftovers else ""),
+            flush=True,
+        )
         t0 = time.time()
         try:
             cfg.stage_type().run(ctx)
@@ -237,8 +324,15 @@ class Runner:
             if missing:
                 raise RuntimeError(f"stage wrote no output {', '.join(missing)} under {uri}")
         except BaseException as e:
-            st.write_json(join(uri, FAILED), {"error": f"{type(e).__name__}: {e}", "mlflow_run_id": run_id,
-                                              "traceback": traceback.format_exc(), "time": time.time()})
+            st.write_json(
+                join(uri, FAILED),
+                {
+                    "error": f"{type(e).__name__}: {e}",
+                    "mlflow_run_id": run_id,
+                    "traceback": traceback.format_exc(),
+                    "time": time.time(),
+                },
+            )
             tracker.end(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
             if isinstance(e, Exception):
                 raise StageFailed(name, e, "") from e
@@ -246,18 +340,44 @@ class Runner:
         duration = time.time() - t0
         st.delete(ctx.work_uri)
         st.remove_temporaries(uri)
-        outputs = {o: {"kind": cfg.stage_type.outputs[o], "uri": ouri, **ctx.output_info.get(o, {})}
-                   for o, ouri in ctx.outputs.items()}
-        counts = {f"{o}.{k}": v for o, info in ctx.output_info.items() for k, v in info.items()
-                  if isinstance(v, int | float) and not isinstance(v, bool)}
+        outputs = {
+            o: {"kind": cfg.stage_type.outputs[o], "uri": ouri, **ctx.output_info.get(o, {})}
+            for o, ouri in ctx.outputs.items()
+        }
+        counts = {
+            f"{o}.{k}": v
+            for o, info in ctx.output_info.items()
+            for k, v in info.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         ctx.log_metrics({"duration_s": duration, **counts})
-        st.write_json(join(uri, MANIFEST), {
-            "pipeline": self.p.name, "stage": name, "type": cfg.type, "fingerprint": fp,
-            "code_version": cfg.stage_type.version, "params": cfg.params.model_dump(mode="json"),
-            "inputs": {k: {"stage": v.stage, "output": v.output, "uri": v.uri, "fingerprint": v.fingerprint}
-                       for k, v in inputs.items()},
-            "outputs": outputs, "metrics": ctx.metrics, "mlflow_run_id": run_id,
-            "duration_s": duration, "committed_at": time.time()})
-        st.write_json(join(self.root, self.p.name, name, LATEST), {"fingerprint": fp, "output": uri})
+        st.write_json(
+            join(uri, MANIFEST),
+            {
+                "pipeline": self.p.name,
+                "stage": name,
+                "type": cfg.type,
+                "fingerprint": fp,
+                "code_version": cfg.stage_type.version,
+                "params": cfg.params.model_dump(mode="json"),
+                "inputs": {
+                    k: {
+                        "stage": v.stage,
+                        "output": v.output,
+                        "uri": v.uri,
+                        "fingerprint": v.fingerprint,
+                    }
+                    for k, v in inputs.items()
+                },
+                "outputs": outputs,
+                "metrics": ctx.metrics,
+                "mlflow_run_id": run_id,
+                "duration_s": duration,
+                "committed_at": time.time(),
+            },
+        )
+        st.write_json(
+            join(self.root, self.p.name, name, LATEST), {"fingerprint": fp, "output": uri}
+        )
         tracker.end(run_id)
         print(f"[mmflow] {name}: committed in {duration:.1f}s", flush=True)

@@ -125,7 +125,9 @@ def register(cls: type[Stage]) -> type[Stage]:
     name = cls.type
     for kind in [*cls.inputs.values(), *cls.outputs.values()]:
         if kind not in KINDS:
-            raise ValueError(f"stage type {name!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+            raise ValueError(
+                f"stage type {name!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})"
+            )
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"stage type {name!r} registered twice")
     _REGISTRY[name] = cls

@@ -106,7 +106,11 @@ class Storage:
         base = normalize(uri)
         out = []
         for info in infos:
-            rel = posixpath.relpath(info.path, path) if is_remote(base) else os.path.relpath(info.path, path)
+            rel = (
+                posixpath.relpath(info.path, path)
+                if is_remote(base)
+                else os.path.relpath(info.path, path)
+            )
             out.append(
                 FileInfo(
                     uri=join(base, rel),
@@ -129,7 +133,11 @@ class Storage:
         try:
             return self.read_json(uri)
         except (FileNotFoundError, OSError) as e:
-            if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "NoSuchKey" in str(e):
+            if (
+                isinstance(e, FileNotFoundError)
+                or "not found" in str(e).lower()
+                or "NoSuchKey" in str(e)
+            ):
                 return None
             raise
 
@@ -155,7 +163,9 @@ class Storage:
             stream.close()
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        tmp = os.path.join(
+            os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
+        )
         try:
             with open(tmp, "wb") as f:
                 yield f

@@ -90,7 +90,9 @@ class Tracker:
 
     def record_cache_hit(self, stage: str, source_run_id: str | None) -> None:
         if self.parent_id:
-            self.client.set_tag(self.parent_id, TAG_CACHED_PREFIX + stage, source_run_id or "unknown")
+            self.client.set_tag(
+                self.parent_id, TAG_CACHED_PREFIX + stage, source_run_id or "unknown"
+            )
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -111,8 +113,12 @@ class Tracker:
                 with warnings.catch_warnings():  # local paths match two equivalent source types
                     warnings.simplefilter("ignore", UserWarning)
                     source = resolve_dataset_source(uri if is_remote(uri) else os.path.abspath(uri))
-                entity = MetaDataset(source=source, name=name, digest=fingerprint[:36])._to_mlflow_entity()
-                datasets.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", "input")]))
+                entity = MetaDataset(
+                    source=source, name=name, digest=fingerprint[:36]
+                )._to_mlflow_entity()
+                datasets.append(
+                    DatasetInput(entity, tags=[InputTag("mlflow.data.context", "input")])
+                )
             if datasets:
                 self.client.log_inputs(run_id, datasets=datasets)
         except Exception as e:  # dataset lineage is a nicety; never fail a stage over it
@@ -122,7 +128,9 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
 
-def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(
+    tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None
+) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -137,7 +145,9 @@ def log_image(tracking_uri: str, run_id: str, image: Any, name: str) -> None:
     _client(tracking_uri).log_image(run_id, image, artifact_file=f"images/{name}.png")
 
 
-def log_artifact(tracking_uri: str, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+def log_artifact(
+    tracking_uri: str, run_id: str, local_path: str, artifact_path: str | None = None
+) -> None:
     _client(tracking_uri).log_artifact(run_id, local_path, artifact_path)
 
 

@@ -42,5 +42,11 @@ def write_pipeline(tmp_path):
 
 
 def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout: int = 600):
-    return subprocess.run([*MMFLOW, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [*MMFLOW, *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

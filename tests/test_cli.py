@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -22,20 +23,33 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     parent = psutil.Process(proc.pid)
     family = [parent, *parent.children(recursive=True)]
     for p in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     proc.wait(timeout=30)
     psutil.wait_procs(family, timeout=30)
 
 
 def test_sigkill_during_synth_then_rerun_is_exact(tmp_path):
     n, per_shard = 3000, 100
-    args = ["run", QUICKSTART, "--only", "synth", "--set", f"synth.params.num_samples={n}",
-            "--set", f"synth.params.samples_per_shard={per_shard}", "--set", "synth.resources.workers=1",
-            "--storage", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    proc = subprocess.Popen([*MMFLOW, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "run",
+        QUICKSTART,
+        "--only",
+        "synth",
+        "--set",
+        f"synth.params.num_samples={n}",
+        "--set",
+        f"synth.params.samples_per_shard={per_shard}",
+        "--set",
+        "synth.resources.workers=1",
+        "--storage",
+        str(tmp_path / "store"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
+    proc = subprocess.Popen(
+        [*MMFLOW, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     pattern = str(tmp_path / "store" / "quickstart" / "synth" / "*" / "shards" / "*_stats.json")
     deadline = time.time() + 240
     while len(glob.glob(pattern)) < 3 and time.time() < deadline and proc.poll() is None:
@@ -47,7 +61,9 @@ def test_sigkill_during_synth_then_rerun_is_exact(tmp_path):
     [out] = glob.glob(str(tmp_path / "store" / "quickstart" / "synth" / "*"))
     assert not os.path.exists(os.path.join(out, "_MANIFEST.json"))  # nothing committed
 
-    status = json.loads(run_cli("status", QUICKSTART, *args[4:], "--json", cwd=str(tmp_path)).stdout)
+    status = json.loads(
+        run_cli("status", QUICKSTART, *args[4:], "--json", cwd=str(tmp_path)).stdout
+    )
     assert status["stages"][0]["state"] == "missing"
 
     r = run_cli(*args, cwd=str(tmp_path))
@@ -63,12 +79,22 @@ def test_sigkill_during_synth_then_rerun_is_exact(tmp_path):
     leftovers = [f for _, _, fs in os.walk(out) for f in fs if f.startswith("._tmp")]
     assert leftovers == [] and not os.path.exists(os.path.join(out, "_work"))
 
-    status = json.loads(run_cli("status", QUICKSTART, *args[4:], "--json", cwd=str(tmp_path)).stdout)
+    status = json.loads(
+        run_cli("status", QUICKSTART, *args[4:], "--json", cwd=str(tmp_path)).stdout
+    )
     [synth] = [s for s in status["stages"] if s["name"] == "synth"]
     assert status["pipeline"] == "quickstart"
     assert synth["state"] == "done" and synth["output"] == out and synth["mlflow_run_id"]
     assert synth["metrics"]["num_samples"] == n
-    assert set(synth) >= {"name", "type", "state", "fingerprint", "output", "mlflow_run_id", "metrics"}
+    assert set(synth) >= {
+        "name",
+        "type",
+        "state",
+        "fingerprint",
+        "output",
+        "mlflow_run_id",
+        "metrics",
+    }
 
 
 def test_stages_lists_params_with_defaults():

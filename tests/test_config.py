@@ -41,7 +41,12 @@ def test_quickstart_is_valid():
 def test_misspelt_param_is_named_with_a_suggestion(write_pipeline):
     path = write_pipeline(TOY.replace("{n: 3}", "{n: 3, offest: 1}"))
     [msg] = problems(path)
-    assert path in msg and "'numbers'" in msg and "params.offest" in msg and "did you mean 'offset'" in msg
+    assert (
+        path in msg
+        and "'numbers'" in msg
+        and "params.offest" in msg
+        and "did you mean 'offset'" in msg
+    )
 
 
 def test_wrong_type(write_pipeline):
@@ -62,7 +67,10 @@ def test_missing_and_unknown_inputs(write_pipeline):
 
 
 def test_input_from_unknown_stage_or_output(write_pipeline):
-    assert "no stage 'nums'" in problems(write_pipeline(TOY.replace("{numbers: numbers}", "{numbers: nums}")))[0]
+    assert (
+        "no stage 'nums'"
+        in problems(write_pipeline(TOY.replace("{numbers: numbers}", "{numbers: nums}")))[0]
+    )
     msg = problems(write_pipeline(TOY.replace("{numbers: numbers}", "{numbers: numbers.rows}")))[0]
     assert "has no output 'rows'" in msg
 
@@ -92,7 +100,11 @@ def test_cycle_is_reported(write_pipeline):
 
 
 def test_unknown_fields_and_resources(write_pipeline):
-    msgs = problems(write_pipeline(TOY.replace("params: {n: 3}", "params: {n: 3}\n  resources: {cpu: 2}\n  prams: {}")))
+    msgs = problems(
+        write_pipeline(
+            TOY.replace("params: {n: 3}", "params: {n: 3}\n  resources: {cpu: 2}\n  prams: {}")
+        )
+    )
     assert any("resources.cpu" in m and "cpus" in m for m in msgs)
     assert any("'prams'" in m and "params" in m for m in msgs)
 
@@ -116,9 +128,17 @@ def test_tracking_uri_precedence(write_pipeline, monkeypatch):
 
 
 def test_cli_misspelt_param_exits_2_and_starts_nothing(tmp_path):
-    r = run_cli("run", os.path.join(ROOT, "pipelines", "quickstart.yaml"), "--set", "synth.params.num_sampels=5",
-                "--storage", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                cwd=str(tmp_path))
+    r = run_cli(
+        "run",
+        os.path.join(ROOT, "pipelines", "quickstart.yaml"),
+        "--set",
+        "synth.params.num_sampels=5",
+        "--storage",
+        str(tmp_path / "store"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 2, r.stderr
     assert "num_sampels" in r.stderr and "num_samples" in r.stderr and "quickstart.yaml" in r.stderr
     assert os.listdir(tmp_path) == []  # no storage, no MLflow store, no Ray session

@@ -76,9 +76,15 @@ def test_run_commits_then_second_run_is_a_pure_cache_hit(toy, ray_session, tmp_p
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == report.parent_run_id]
-    assert len(parents) == 2 and sorted(c.data.tags["mmflow.stage"] for c in children) == ["numbers", "total"]
+    assert len(parents) == 2 and sorted(c.data.tags["mmflow.stage"] for c in children) == [
+        "numbers",
+        "total",
+    ]
     child_total = next(c for c in children if c.data.tags["mmflow.stage"] == "total")
-    assert child_total.data.metrics["total"] == 3 and child_total.data.params["fingerprint"] == r.fingerprints["total"]
+    assert (
+        child_total.data.metrics["total"] == 3
+        and child_total.data.params["fingerprint"] == r.fingerprints["total"]
+    )
     second = client.get_run(report2.parent_run_id)
     assert second.data.tags["mmflow.cached.total"] == child_total.info.run_id
 

@@ -37,10 +37,17 @@ def s3_server():
     """A moto S3 server on 127.0.0.1 and the environment that points clients at it."""
     port = _free_port()
     moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    proc = subprocess.Popen(
+        [moto, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import boto3
@@ -97,7 +104,13 @@ stages:
     type: tests.toy_stages:ToySum
     inputs: {numbers: numbers}
 """)
-    args = [str(path), "--storage", "s3://mmflow-test/store", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    args = [
+        str(path),
+        "--storage",
+        "s3://mmflow-test/store",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+    ]
     env = {**s3_server, "PYTHONPATH": ROOT}
     r = run_cli("run", *args, cwd=str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -107,8 +120,14 @@ stages:
     synth = status["stages"][0]["output"]
     assert synth.startswith("s3://mmflow-test/store/s3demo/synth/")
     names = [f.name for f in st.ls(join(synth, "shards"))]
-    assert names == ["00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar",
-                     "00001_stats.json"]
+    assert names == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+        "00001.parquet",
+        "00001.tar",
+        "00001_stats.json",
+    ]
     total = st.read_json(join(status["stages"][2]["output"], "total", "total.json"))
     assert total == {"total": 1}
     r2 = run_cli("run", *args, cwd=str(tmp_path), env=env)

@@ -31,8 +31,14 @@ class ToyNumbers(Stage):
 
     def run(self, ctx: StageContext) -> None:
         folder = ctx.outputs["numbers"]
-        stats = map_shards(_write_number, list(range(ctx.params.n)), folder,
-                           args=(folder, ctx.params.offset, ctx.storage), desc=ctx.stage, storage=ctx.storage)
+        stats = map_shards(
+            _write_number,
+            list(range(ctx.params.n)),
+            folder,
+            args=(folder, ctx.params.offset, ctx.storage),
+            desc=ctx.stage,
+            storage=ctx.storage,
+        )
         ctx.record_output("numbers", num_rows=len(stats))
 
 
@@ -42,8 +48,11 @@ class SumParams(Params):
 
 
 def _sum(folder: str, storage) -> int:
-    return sum(storage.read_json(f.uri)["value"] for f in storage.ls(folder)
-               if f.name.endswith(".json") and not f.name.endswith("_stats.json"))
+    return sum(
+        storage.read_json(f.uri)["value"]
+        for f in storage.ls(folder)
+        if f.name.endswith(".json") and not f.name.endswith("_stats.json")
+    )
 
 
 @register
@@ -60,6 +69,11 @@ class ToySum(Stage):
         if marker and not os.path.exists(marker):
             open(marker, "w").close()
             raise RuntimeError("injected failure")
-        total = ray.get(ray.remote(_sum).remote(ctx.inputs["numbers"].uri, ctx.storage)) * ctx.params.scale
-        ctx.storage.write_atomic(join(ctx.outputs["total"], "total.json"), json.dumps({"total": total}).encode())
+        total = (
+            ray.get(ray.remote(_sum).remote(ctx.inputs["numbers"].uri, ctx.storage))
+            * ctx.params.scale
+        )
+        ctx.storage.write_atomic(
+            join(ctx.outputs["total"], "total.json"), json.dumps({"total": total}).encode()
+        )
         ctx.log_metrics({"total": total})

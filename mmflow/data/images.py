@@ -7,8 +7,13 @@ import textwrap
 from PIL import Image, ImageDraw
 
 
-def contact_sheet(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8,
-                  cell: int = 96, caption_lines: int = 3) -> Image.Image:
+def contact_sheet(
+    images: list[Image.Image],
+    captions: list[str] | None = None,
+    cols: int = 8,
+    cell: int = 96,
+    caption_lines: int = 3,
+) -> Image.Image:
     """Images scaled to ``cell`` px in a grid, each with a few wrapped caption lines under it."""
     if not images:
         return Image.new("RGB", (cell, cell), "white")

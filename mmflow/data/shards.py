@@ -58,8 +58,13 @@ def stats_uri(folder: str, shard: int) -> str:
 class ShardWriter:
     """Writes one shard. Use as a context manager; ``close`` publishes parquet and stats."""
 
-    def __init__(self, storage: Storage, folder: str, shard: int,
-                 extra_columns: dict[str, pa.DataType] | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        folder: str,
+        shard: int,
+        extra_columns: dict[str, pa.DataType] | None = None,
+    ):
         import webdataset as wds  # imports torch: keep it off the config-validation path
 
         self.storage, self.folder, self.shard = storage, folder, shard
@@ -87,20 +92,29 @@ class ShardWriter:
     def _row(self, row: dict[str, Any]) -> dict[str, Any]:
         unknown = set(row) - set(self.schema.names)
         if unknown:
-            raise KeyError(f"shard {shard_name(self.shard)}: columns {sorted(unknown)} not in the schema")
+            raise KeyError(
+                f"shard {shard_name(self.shard)}: columns {sorted(unknown)} not in the schema"
+            )
         return {name: row.get(name) for name in self.schema.names}
 
-    def write(self, row: dict[str, Any], image: bytes, image_ext: str = "jpg",
-              extra_json: dict[str, Any] | None = None) -> None:
+    def write(
+        self,
+        row: dict[str, Any],
+        image: bytes,
+        image_ext: str = "jpg",
+        extra_json: dict[str, Any] | None = None,
+    ) -> None:
         """A successful sample: image, caption and json into the tar, a row into the parquet."""
         row = self._row({**row, "status": "success"})
         meta = {**{k: v for k, v in row.items()}, **(extra_json or {})}
-        self._tar.write({
-            "__key__": row["key"],
-            image_ext: image,
-            "txt": (row["caption"] or "").encode(),
-            "json": json.dumps(meta, sort_keys=True).encode(),
-        })
+        self._tar.write(
+            {
+                "__key__": row["key"],
+                image_ext: image,
+                "txt": (row["caption"] or "").encode(),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
+        )
         self.bytes += len(image)
         self.rows.append(row)
         self.status["success"] += 1
@@ -116,7 +130,9 @@ class ShardWriter:
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self.storage.write_atomic(join(self.folder, f"{shard_name(self.shard)}.parquet"), buf.getvalue())
+        self.storage.write_atomic(
+            join(self.folder, f"{shard_name(self.shard)}.parquet"), buf.getvalue()
+        )
         end = time.time()
         stats = {
             "count": len(self.rows),
@@ -166,12 +182,18 @@ def map_shards(
     done = {s: storage.read_json_if_exists(stats_uri(folder, s)) for s in shards}
     todo = [s for s in shards if done[s] is None]
     if len(todo) < len(shards):
-        print(f"[{desc}] resuming: {len(shards) - len(todo)} of {len(shards)} shards already done", flush=True)
+        print(
+            f"[{desc}] resuming: {len(shards) - len(todo)} of {len(shards)} shards already done",
+            flush=True,
+        )
     unit_total = (samples_per_shard or 1) * len(todo)
     progress = Progress(unit_total, desc, unit="samples" if samples_per_shard else "shards")
     remote = ray.remote(_call_shard).options(
-        num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, name=f"{desc}-shard")
-    limit = max_in_flight or max(1, int(ray.available_resources().get("CPU", 1) // max(cpus, 0.01)) * 2)
+        num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, name=f"{desc}-shard"
+    )
+    limit = max_in_flight or max(
+        1, int(ray.available_resources().get("CPU", 1) // max(cpus, 0.01)) * 2
+    )
     pending: dict[Any, int] = {}
     queue = list(todo)
     fn_ref = ray.put(fn)

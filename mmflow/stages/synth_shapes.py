@@ -27,14 +27,21 @@ from mmflow.storage import Storage
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "purple": (150, 60, 190), "orange": (245, 140, 30),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
 }
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SIZES = {"small": 0.22, "large": 0.38}  # radius as a fraction of the image side
 POSITIONS = {  # centre in unit coordinates
-    "top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
-    "bottom right": (0.72, 0.72), "center": (0.5, 0.5),
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+    "center": (0.5, 0.5),
 }
 ONE = (
     "a {size} {color} {shape}",
@@ -56,7 +63,9 @@ class SynthShapesParams(Params):
     num_samples: int = Field(2048, ge=1, description="samples to draw")
     samples_per_shard: int = Field(256, ge=1, description="samples per tar shard")
     image_size: int = Field(32, ge=8, le=1024, description="side of the square images, in pixels")
-    mismatch_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of captions that describe another scene")
+    mismatch_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="share of captions that describe another scene"
+    )
     max_objects: int = Field(2, ge=1, le=2, description="1 or 2 shapes per image")
     image_format: str = Field("jpg", pattern="^(jpg|png)$", description="jpg or png")
     jpeg_quality: int = Field(95, ge=10, le=100)
@@ -71,18 +80,25 @@ class SynthShapesParams(Params):
 
 def draw_scene(rng: np.random.Generator, max_objects: int) -> dict[str, Any]:
     n = 1 if max_objects == 1 else int(rng.integers(1, 3))
-    positions = rng.choice(list(POSITIONS), size=n, replace=False) if n > 1 else [rng.choice(list(POSITIONS))]
+    positions = (
+        rng.choice(list(POSITIONS), size=n, replace=False)
+        if n > 1
+        else [rng.choice(list(POSITIONS))]
+    )
     if n > 1:  # two large shapes in adjacent corners would overlap; keep pairs small
         positions = [p for p in positions if p != "center"] or ["top left"]
         while len(positions) < n:
             positions.append([p for p in POSITIONS if p not in positions and p != "center"][0])
     colors = rng.choice(list(COLORS), size=n, replace=False)
-    objects = [{
-        "shape": str(rng.choice(SHAPES)),
-        "color": str(colors[i]),
-        "size": "small" if n > 1 else str(rng.choice(list(SIZES))),
-        "position": str(positions[i]),
-    } for i in range(n)]
+    objects = [
+        {
+            "shape": str(rng.choice(SHAPES)),
+            "color": str(colors[i]),
+            "size": "small" if n > 1 else str(rng.choice(list(SIZES))),
+            "position": str(positions[i]),
+        }
+        for i in range(n)
+    ]
     return {"background": str(rng.choice(list(BACKGROUNDS))), "objects": objects}
 
 
@@ -101,7 +117,10 @@ def render(scene: dict[str, Any], size: int) -> Image.Image:
             s = r * 0.85
             draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
         elif obj["shape"] == "triangle":
-            pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+            pts = [
+                (cx + r * math.cos(a), cy + r * math.sin(a))
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            ]
             draw.polygon(pts, fill=fill)
         else:  # diamond
             draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
@@ -111,8 +130,13 @@ def render(scene: dict[str, Any], size: int) -> Image.Image:
 def caption(scene: dict[str, Any], rng: np.random.Generator) -> str:
     objs = scene["objects"]
     a = objs[0]
-    fields = {"color": a["color"], "shape": a["shape"], "size": a["size"], "position": a["position"],
-              "bg": scene["background"]}
+    fields = {
+        "color": a["color"],
+        "shape": a["shape"],
+        "size": a["size"],
+        "position": a["position"],
+        "bg": scene["background"],
+    }
     if len(objs) == 1:
         return str(rng.choice(ONE)).format(**fields)
     b = objs[1]
@@ -142,7 +166,12 @@ def make_sample(seed: int, index: int, p: SynthShapesParams) -> tuple[bytes, dic
         img.save(buf, format="JPEG", quality=p.jpeg_quality)
     else:
         img.save(buf, format="PNG")
-    return buf.getvalue(), {"scene": scene, "mismatched": mismatched, "true_caption": true_caption, "caption": text}
+    return buf.getvalue(), {
+        "scene": scene,
+        "mismatched": mismatched,
+        "true_caption": true_caption,
+        "caption": text,
+    }
 
 
 EXTRA_COLUMNS = {"mismatched": pa.bool_(), "true_caption": pa.string()}
@@ -157,10 +186,16 @@ def write_shard(shard: int, folder: str, p: SynthShapesParams, storage: Storage)
             image, truth = make_sample(p.seed, i, p)
             key = sample_key(shard, i - first)
             row = {
-                "url": f"synth://shapes/{p.seed}/{i}", "caption": truth["caption"], "key": key,
-                "width": p.image_size, "height": p.image_size, "original_width": p.image_size,
-                "original_height": p.image_size, "sha256": hashlib.sha256(image).hexdigest(),
-                "mismatched": truth["mismatched"], "true_caption": truth["true_caption"],
+                "url": f"synth://shapes/{p.seed}/{i}",
+                "caption": truth["caption"],
+                "key": key,
+                "width": p.image_size,
+                "height": p.image_size,
+                "original_width": p.image_size,
+                "original_height": p.image_size,
+                "sha256": hashlib.sha256(image).hexdigest(),
+                "mismatched": truth["mismatched"],
+                "true_caption": truth["true_caption"],
             }
             w.write(row, image, p.image_format, extra_json={"synth": truth["scene"]})
             mismatched += truth["mismatched"]
@@ -171,7 +206,9 @@ def write_shard(shard: int, folder: str, p: SynthShapesParams, storage: Storage)
 class SynthShapes(Stage):
     type = "synth_shapes"
     version = "1"
-    description = "Procedural image-text pairs with ground truth, in img2dataset layout (no internet needed)."
+    description = (
+        "Procedural image-text pairs with ground truth, in img2dataset layout (no internet needed)."
+    )
     Params = SynthShapesParams
     outputs = {"shards": "shards"}
     resources = Resources(cpus=1, workers=0)  # workers=0: as many shard tasks as the cluster fits
@@ -180,16 +217,39 @@ class SynthShapes(Stage):
         p: SynthShapesParams = ctx.params
         folder = ctx.outputs["shards"]
         num_shards = math.ceil(p.num_samples / p.samples_per_shard)
-        stats = map_shards(write_shard, list(range(num_shards)), folder, args=(folder, p, ctx.storage),
-                           cpus=ctx.resources.cpus, max_in_flight=ctx.resources.workers or None,
-                           desc=ctx.stage, samples_per_shard=p.samples_per_shard, storage=ctx.storage)
+        stats = map_shards(
+            write_shard,
+            list(range(num_shards)),
+            folder,
+            args=(folder, p, ctx.storage),
+            cpus=ctx.resources.cpus,
+            max_in_flight=ctx.resources.workers or None,
+            desc=ctx.stage,
+            samples_per_shard=p.samples_per_shard,
+            storage=ctx.storage,
+        )
         total = sum(s["successes"] for s in stats)
         mismatched = sum(s.get("mismatched", 0) for s in stats)
-        ctx.record_output("shards", num_samples=total, num_shards=num_shards,
-                          shards=[f"{shard_name(i)}.tar" for i in range(num_shards)], format="img2dataset")
-        ctx.log_metrics({"num_samples": total, "num_shards": num_shards,
-                         "mismatch_rate": mismatched / max(total, 1)})
+        ctx.record_output(
+            "shards",
+            num_samples=total,
+            num_shards=num_shards,
+            shards=[f"{shard_name(i)}.tar" for i in range(num_shards)],
+            format="img2dataset",
+        )
+        ctx.log_metrics(
+            {
+                "num_samples": total,
+                "num_shards": num_shards,
+                "mismatch_rate": mismatched / max(total, 1),
+            }
+        )
         previews = [make_sample(p.seed, i, p) for i in range(min(16, p.num_samples))]
-        ctx.log_image(contact_sheet([Image.open(io.BytesIO(b)) for b, _ in previews],
-                                    [t["caption"] + (" [MISMATCH]" if t["mismatched"] else "") for _, t in previews],
-                                    cols=8), "samples")
+        ctx.log_image(
+            contact_sheet(
+                [Image.open(io.BytesIO(b)) for b, _ in previews],
+                [t["caption"] + (" [MISMATCH]" if t["mismatched"] else "") for _, t in previews],
+                cols=8,
+            ),
+            "samples",
+        )

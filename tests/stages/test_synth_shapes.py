@@ -63,15 +63,29 @@ def test_stage_writes_img2dataset_layout(write_pipeline, ray_session):
     r.run()
     folder = os.path.join(r.uri("synth"), "shards")
     names = sorted(os.listdir(folder))
-    assert names == [f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")]
+    assert names == [
+        f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")
+    ]
     keys = []
     for shard in range(3):
         members = read_tar(os.path.join(folder, f"0000{shard}.tar"))
         shard_keys = sorted({n.rsplit(".", 1)[0] for n in members})
         assert all({f"{k}.jpg", f"{k}.txt", f"{k}.json"} <= set(members) for k in shard_keys)
         table = pq.read_table(os.path.join(folder, f"0000{shard}.parquet"))
-        for col in ("url", "caption", "key", "status", "error_message", "width", "height",
-                    "original_width", "original_height", "sha256", "mismatched", "true_caption"):
+        for col in (
+            "url",
+            "caption",
+            "key",
+            "status",
+            "error_message",
+            "width",
+            "height",
+            "original_width",
+            "original_height",
+            "sha256",
+            "mismatched",
+            "true_caption",
+        ):
             assert col in table.column_names
         assert sorted(table.column("key").to_pylist()) == shard_keys
         meta = json.loads(members[f"{shard_keys[0]}.json"])
