@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     if not run_args:
         parser.error("give the pipeline YAML and any `mmflow run` options")
 
+    # Ray >= 2.5x clusters require token auth; a client sends the token only in token mode.
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (
+        os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(token_path)
+    ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     runtime_env: dict = {
