@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ CKPT_PREFIX = "step_"
 COMPLETE = "_COMPLETE"  # written last, by rank 0; its JSON says what the checkpoint holds
 KEEP_CHECKPOINTS = 2
 PROGRESS_INTERVAL_S = 5.0
+_END = object()
 
 
 class TrainConfig(Params):
@@ -139,22 +141,27 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     cfg = TrainConfig(**config["cfg"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
-    storage, ckpt_root = Storage(), join(config["work_uri"], "checkpoints")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpts = _Checkpoints(join(config["work_uri"], "checkpoints"), cfg, rank, world)
 
     _seed(cfg.seed)  # the same initial weights on every rank
     make = _DeepSpeedRunner if cfg.strategy == "deepspeed" else _DDPRunner
     runner = make(task.build_model(), cfg, device, world)
-    step = saved = _resume(runner, storage, ckpt_root, cfg, rank)
-    _seed(cfg.seed + 1_000_003 * rank + step)  # dropout etc. differ per rank, reproducible per resume
+    resumed = ckpts.resume(runner)
+    step = saved = resumed["step"]
+    _seed(cfg.seed + 1_000_003 * rank + step)  # per rank, and reproducible on resume
     tracker = _Tracker(config["tracking_uri"], config["run_id"] if rank == 0 else None)
     progress = _Progress(cfg.max_steps, step, enabled=rank == 0)
     window = _Window(cfg, world, device)
     batches = iter(task.train_batches(rank, world, step))
-    last: dict[str, float] = {}
+    last = {"train/loss": resumed["train_loss"]} if resumed.get("train_loss") is not None else {}
 
     while step < cfg.max_steps:
         for micro in range(cfg.grad_accum):
-            batch = _to_device(next(batches), device)
+            if (batch := next(batches, _END)) is _END:
+                raise RuntimeError(f"task.train_batches ended at step {step}; it must loop forever")
+            batch = _to_device(batch, device)
             window.add(*runner.micro_step(task, batch, last=micro == cfg.grad_accum - 1))
         runner.optimizer_step()
         step += 1
@@ -162,22 +169,25 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
         evaluated = _every(cfg.eval_every, step) and step < cfg.max_steps  # the final ones follow
         checkpointed = _every(cfg.checkpoint_every, step) and step < cfg.max_steps
         last = window.flush(lr=runner.lr) if logged else last
-        evals = _evaluate(task, runner, cfg, rank) if evaluated else {}
+        evals = _evaluate(task, runner.full_model(task, rank), cfg, device) if evaluated else {}
         tracker.log({**(last if logged else {}), **evals}, step)
         progress.update(step, last.get("train/loss"))
         if checkpointed:
-            saved = _save_checkpoint(runner, storage, ckpt_root, step, cfg, rank, world)
+            saved = ckpts.save(runner, step, last.get("train/loss"))
         if evaluated or checkpointed:  # not every log step: each report may wait ~2 s for Ray
             _ray_report({**last, **evals}, step)
 
     if saved != step:
-        _save_checkpoint(runner, storage, ckpt_root, step, cfg, rank, world)
-    evals = _evaluate(task, runner, cfg, rank)
+        ckpts.save(runner, step, last.get("train/loss"))
+    model = runner.full_model(task, rank)  # rank 0's whole model, None elsewhere
+    evals = _evaluate(task, model, cfg, device)
     tracker.log(evals, step)
+    if model is not None and config["model_uri"] is not None:
+        with tempfile.TemporaryDirectory(prefix="mmflow-model-") as tmp:
+            task.save(model, tmp)
+            Storage().upload_dir(tmp, config["model_uri"])
     final = {"step": float(step), **{k: v for k, v in last.items() if k == "train/loss"}, **evals}
-    _ray_report(final, step)
-    if config["model_uri"] is not None:
-        _save_model(task, runner, storage, config["model_uri"], rank)
+    _ray_report(final, step)  # after the upload: a barrier, so no rank returns before it is done
     progress.update(step, last.get("train/loss"), force=True)
     return final if rank == 0 else None
 
@@ -197,7 +207,7 @@ class _DDPRunner:
         ids = [device] if device.type == "cuda" else None
         self.model = DistributedDataParallel(self.module, device_ids=ids) if world > 1 else model
         self.optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LRSchedule(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     def micro_step(self, task: TrainTask, batch: Any, last: bool) -> tuple[torch.Tensor, dict]:
@@ -221,16 +231,16 @@ class _DDPRunner:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def gathered(self):
-        return nullcontext()
+    def full_model(self, task: TrainTask, rank: int) -> nn.Module | None:
+        return self.module if rank == 0 else None
 
     def save(self, local_dir: str, rank: int) -> None:
+        parts = ("module", "optimizer", "scheduler", "scaler")
         if rank == 0:
-            state = {k: getattr(self, k).state_dict() for k in ("module", "optimizer", "scheduler", "scaler")}
-            torch.save(state, os.path.join(local_dir, "state.pt"))
+            torch.save({k: getattr(self, k).state_dict() for k in parts}, f"{local_dir}/state.pt")
 
     def load(self, local_dir: str) -> None:
-        state = torch.load(os.path.join(local_dir, "state.pt"), map_location=self.device)
+        state = torch.load(f"{local_dir}/state.pt", map_location=self.device)
         for k, v in state.items():
             getattr(self, k).load_state_dict(v)
 
@@ -259,7 +269,7 @@ class _DeepSpeedRunner:
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _LRSchedule(cfg)),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg)),
             config=ds_config,
         )
         self.model, self.module = self.engine, self.engine.module
@@ -278,13 +288,18 @@ class _DeepSpeedRunner:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def gathered(self):
-        """Full parameters on every rank for eval/save (ZeRO-3 partitions them); collective."""
+    def full_model(self, task: TrainTask, rank: int) -> nn.Module | None:
+        """The whole model on rank 0 for eval/save (None elsewhere). ZeRO-3 shards the weights
+        and hooks the module's forward into collectives, so rank 0 gets a plain copy built by
+        the task and loaded from the gathered weights; a collective call, on every rank."""
         if self.cfg.zero_stage < 3:
-            return nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            return self.module if rank == 0 else None
+        state = self.engine._zero3_consolidated_16bit_state_dict()  # on rank 0, layer by layer
+        if rank != 0:
+            return None
+        model = task.build_model()
+        model.load_state_dict(state)
+        return model.to(self.device)
 
     def save(self, local_dir: str, rank: int) -> None:
         # collective: rank 0 writes the module, every rank its own ZeRO optimizer shard
@@ -296,17 +311,19 @@ class _DeepSpeedRunner:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {local_dir}")
 
 
-class _LRSchedule:
-    """Linear warmup over ``warmup_steps``, then cosine decay to 0 at ``max_steps``."""
+def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """LR factor per step: linear warmup over ``warmup_steps``, then cosine decay to 0 at
+    ``max_steps``. A plain function, not an object: LambdaLR would checkpoint an object's
+    fields and bring back the old ``max_steps`` when a run is resumed with a new one."""
+    warmup, total = cfg.warmup_steps, cfg.max_steps
 
-    def __init__(self, cfg: TrainConfig):
-        self.warmup, self.total = cfg.warmup_steps, cfg.max_steps
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -323,85 +340,84 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def complete_checkpoints(storage: Storage, root: str) -> list[tuple[int, str]]:
     """(step, uri) of the checkpoints under ``root`` that have their ``_COMPLETE`` marker, oldest first."""
-    found = []
-    for info in storage.ls(root):
-        if info.is_dir and info.name.startswith(CKPT_PREFIX):
-            if storage.exists(join(info.uri, COMPLETE)):
-                found.append((int(info.name[len(CKPT_PREFIX) :]), info.uri))
-    return sorted(found)
+    steps = [(_step_of(i.name), i.uri) for i in storage.ls(root) if i.is_dir]
+    return sorted((s, u) for s, u in steps if s is not None and storage.exists(join(u, COMPLETE)))
 
 
-def _save_checkpoint(runner, storage, root, step, cfg, rank, world) -> int:
-    uri = join(root, f"{CKPT_PREFIX}{step:08d}")
-    if rank == 0 and storage.exists(uri):
-        storage.delete(uri)  # a partial one left by a failed attempt
-    _barrier()
-    with tempfile.TemporaryDirectory(prefix="mmflow-ckpt-") as tmp:
-        runner.save(tmp, rank)
-        storage.upload_dir(tmp, uri)
-    _barrier()  # every rank's files are up
-    if rank == 0:
-        meta = {"step": step, "strategy": cfg.strategy, "zero_stage": cfg.zero_stage, "world_size": world}
-        storage.write_json(join(uri, COMPLETE), {**meta, "time": time.time()})
-        _prune(storage, root)
-    return step
+def _step_of(name: str) -> int | None:
+    return int(name[len(CKPT_PREFIX) :]) if name.startswith(CKPT_PREFIX) else None
 
 
-def _prune(storage: Storage, root: str) -> None:
-    """Keep the newest KEEP_CHECKPOINTS complete checkpoints; drop older ones, partial or not."""
-    complete = complete_checkpoints(storage, root)
-    if not complete:
-        return
-    keep, newest = {uri for _, uri in complete[-KEEP_CHECKPOINTS:]}, complete[-1][0]
-    for info in storage.ls(root):
-        name = info.name
-        if info.is_dir and name.startswith(CKPT_PREFIX) and info.uri not in keep:
-            if int(name[len(CKPT_PREFIX) :]) < newest:
-                storage.delete(info.uri)
+class _Checkpoints:
+    """The ``step_XXXXXXXX`` folders under ``root``, as this rank sees them."""
 
+    def __init__(self, root: str, cfg: TrainConfig, rank: int, world: int):
+        self.storage, self.root, self.rank = Storage(), root, rank
+        self.settings = {"strategy": cfg.strategy}  # what a checkpoint can be loaded into
+        if cfg.strategy == "deepspeed":  # ZeRO shards are per stage and per rank
+            self.settings.update(zero_stage=cfg.zero_stage, world_size=world)
 
-def _resume(runner, storage: Storage, root: str, cfg: TrainConfig, rank: int) -> int:
-    """Load the newest complete checkpoint (rank 0 picks it for all); returns its step, or 0."""
-    found = complete_checkpoints(storage, root) if rank == 0 else None
-    found = _broadcast(found[-1][1] if found else None)
-    if found is None:
-        return 0
-    meta = storage.read_json(join(found, COMPLETE))
-    if meta["strategy"] != cfg.strategy:
-        raise RuntimeError(
-            f"checkpoint {found} was written with strategy={meta['strategy']!r}, this run uses "
-            f"{cfg.strategy!r}; remove {root} to start over"
-        )
-    with tempfile.TemporaryDirectory(prefix="mmflow-ckpt-") as tmp:
-        storage.download_dir(found, tmp)
-        runner.load(tmp)
-    if rank == 0:
-        print(f"[train] resumed from {found} (step {meta['step']})", flush=True)
-    return int(meta["step"])
+    def save(self, runner, step: int, train_loss: float | None) -> int:
+        uri = join(self.root, f"{CKPT_PREFIX}{step:08d}")
+        if self.rank == 0 and self.storage.exists(uri):
+            self.storage.delete(uri)  # a partial one left by a failed attempt
+        _barrier()
+        with tempfile.TemporaryDirectory(prefix="mmflow-ckpt-") as tmp:
+            runner.save(tmp, self.rank)
+            self.storage.upload_dir(tmp, uri)
+        _barrier()  # every rank's files are up
+        if self.rank == 0:
+            meta = {"step": step, "train_loss": train_loss, "time": time.time(), **self.settings}
+            self.storage.write_json(join(uri, COMPLETE), meta)
+            self.prune()
+        return step
+
+    def prune(self) -> None:
+        """Keep the newest KEEP_CHECKPOINTS complete ones; drop older ones, partial or not."""
+        complete = complete_checkpoints(self.storage, self.root)
+        if not complete:
+            return
+        keep, newest = {uri for _, uri in complete[-KEEP_CHECKPOINTS:]}, complete[-1][0]
+        for info in self.storage.ls(self.root):
+            step = _step_of(info.name)
+            if info.is_dir and step is not None and step < newest and info.uri not in keep:
+                self.storage.delete(info.uri)
+
+    def resume(self, runner) -> dict[str, Any]:
+        """Load the newest complete checkpoint (rank 0 picks it for all); returns its
+        ``_COMPLETE`` record, or ``{"step": 0}`` when there is none."""
+        found = complete_checkpoints(self.storage, self.root) if self.rank == 0 else None
+        found = _broadcast(found[-1][1] if found else None)
+        if found is None:
+            return {"step": 0}
+        meta = self.storage.read_json(join(found, COMPLETE))
+        if any(meta.get(k) != v for k, v in self.settings.items()):
+            then = {k: meta.get(k) for k in self.settings}
+            raise RuntimeError(
+                f"checkpoint {found} was written with {then}, this run has {self.settings}; "
+                f"train with the same settings, or remove {self.root} to start over"
+            )
+        with tempfile.TemporaryDirectory(prefix="mmflow-ckpt-") as tmp:
+            self.storage.download_dir(found, tmp)
+            runner.load(tmp)
+        if self.rank == 0:
+            _say(f"[train] resumed from {found} (step {meta['step']})")
+        return meta
 
 
 # --- eval, save, metrics, progress --------------------------------------------------------------
 
 
-def _evaluate(task: TrainTask, runner, cfg: TrainConfig, rank: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with runner.gathered():
-        if rank == 0:
-            runner.module.eval()
-            with torch.no_grad(), _autocast(cfg, runner.device):
-                out = {f"eval/{k}": float(v) for k, v in task.evaluate(runner.module).items()}
-            runner.module.train()
-    _barrier()
+def _evaluate(task: TrainTask, model: nn.Module | None, cfg: TrainConfig, device) -> dict:
+    """``eval/*`` metrics from rank 0's model; {} on the other ranks."""
+    if model is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(cfg, device):
+        out = {f"eval/{k}": float(v) for k, v in task.evaluate(model).items()}
+    model.train(was_training)
     return out
-
-
-def _save_model(task: TrainTask, runner, storage: Storage, uri: str, rank: int) -> None:
-    with runner.gathered():
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="mmflow-model-") as tmp:
-                task.save(runner.module, tmp)
-                storage.upload_dir(tmp, uri)
-    _barrier()
 
 
 class _Window:
@@ -422,7 +438,7 @@ class _Window:
             self.extra[k] = self.extra.get(k, 0.0) + float(v)
 
     def flush(self, lr: float) -> dict[str, float]:
-        total = torch.tensor([float(self.loss), float(self.n)], dtype=torch.float64, device=self.device)
+        total = torch.tensor([float(self.loss), self.n], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(total)
         steps_per_s = self.n * self.steps_per_micro / max(time.monotonic() - self.t0, 1e-9)
@@ -455,7 +471,7 @@ class _Tracker:
             items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
             self._client.log_batch(self.run_id, metrics=items[:1000])  # MLflow's batch limit
         except Exception as e:  # a flaky tracking server must not kill a long run
-            print(f"[train] warning: MLflow logging failed: {e}", flush=True)
+            _say(f"[train] warning: MLflow logging failed: {e}")
 
 
 def _ray_report(metrics: dict[str, float], step: int) -> None:
@@ -474,17 +490,24 @@ class _Progress:
 
     def update(self, step: int, loss: float | None, force: bool = False) -> None:
         now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < PROGRESS_INTERVAL_S):
+        due = now - self.last >= PROGRESS_INTERVAL_S and step < self.total  # the end is forced
+        if not self.enabled or not (due or force):
             return
-        self.last = now
+        self.last, pct = now, 100.0 * step / self.total
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
         loss_s = f" loss {loss:.4g}" if loss is not None else ""
-        pct = 100.0 * step / self.total
-        print(f"[train] step {step}/{self.total} ({pct:.0f}%) {rate:.2f} steps/s{loss_s} ETA {eta}", flush=True)
+        _say(f"[train] step {step}/{self.total} ({pct:.0f}%) {rate:.2f} steps/s{loss_s} ETA {eta}")
 
 
 # --- small helpers ------------------------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    """One line to stdout, now. Not print(): Ray Train patches it into a logger that echoes
+    each line to both stdout and stderr, so every line would show twice in the job log."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
