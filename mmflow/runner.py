@@ -92,7 +92,9 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # address="local": always a fresh local instance, never a stale `ray start` cluster
+        # recorded in /tmp/ray (set RAY_ADDRESS=auto to join a local `ray start` on purpose).
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 class Runner:
