@@ -94,7 +94,9 @@ def ensure_ray() -> None:
     else:
         # address="local": always a fresh local instance, never a stale `ray start` cluster
         # recorded in /tmp/ray (set RAY_ADDRESS=auto to join a local `ray start` on purpose).
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(
+            address="local", include_dashboard=False, log_to_driver=True, configure_logging=False
+        )
 
 
 class Runner:

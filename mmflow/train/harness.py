@@ -11,8 +11,10 @@ workers with DDP or DeepSpeed (ZeRO 0-3) and takes care of the rest:
 - resume: every attempt starts from the newest complete checkpoint, so a Ray
   Train restart after a worker failure and a new ``fit`` over the same
   ``work_uri`` both continue where the last checkpoint left off.
-- metrics: rank 0 logs ``train/*`` and ``eval/*`` to the stage's MLflow run
-  (when ``ctx.run_id`` is set) and every rank reports them to Ray Train.
+- metrics: rank 0 logs ``train/*`` every ``log_every`` steps and ``eval/*`` to the
+  stage's MLflow run (when ``ctx.run_id`` is set); Ray Train gets them at eval and
+  checkpoint steps and at the end (each ``ray.train.report`` is a barrier that may wait
+  ~2 s for the controller, too slow for every log step).
 - progress: rank 0 prints a line at most every 5 s and at the end.
 
 ``ray.init`` is the caller's business; ``fit`` uses whatever cluster is there.
@@ -38,7 +40,7 @@ from torch import nn
 
 from mmflow.progress import format_duration
 from mmflow.stage import Params, StageContext
-from mmflow.storage import Storage, filesystem, join
+from mmflow.storage import Storage, filesystem, join, normalize
 
 CKPT_PREFIX = "step_"
 COMPLETE = "_COMPLETE"  # written last, by rank 0; its JSON says what the checkpoint holds
@@ -83,18 +85,27 @@ class TrainTask:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Held-out metrics; runs on rank 0 only, in eval mode, without grad."""
+        """Held-out metrics; runs on rank 0 only, in eval mode, without grad, under autocast
+        for bf16/fp16. With ZeRO-3 ``model`` is a copy from ``build_model`` holding the
+        gathered weights; with DeepSpeed bf16 at ZeRO 0-2 its weights are bf16."""
         return {}
 
     def save(self, model: nn.Module, out_dir: str) -> None:
-        """Write the final model files into the local folder ``out_dir``."""
+        """Write the final model files into the local folder ``out_dir`` (rank 0, same model
+        as ``evaluate`` gets); the harness uploads them."""
         torch.save(model.state_dict(), os.path.join(out_dir, "model.pt"))
 
 
 def fit(
     task: TrainTask, cfg: TrainConfig, ctx: StageContext, model_output: str | None = "model"
 ) -> dict[str, float]:
-    """Train ``task`` on Ray Train workers; returns the final metrics (step, train/loss, eval/*)."""
+    """Train ``task`` on Ray Train workers, resuming from ``ctx.work("checkpoints")`` if a
+    checkpoint is there, and upload ``task.save``'s files to ``ctx.outputs[model_output]``.
+
+    Returns the final metrics: ``step``, ``train/loss`` and the ``eval/*`` of the final model
+    (the MLflow history is already logged; ``ctx.metrics`` is left to the stage). Raises
+    ``ray.train.TrainingFailedError`` once workers failed more than ``cfg.max_failures`` times.
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -112,10 +123,11 @@ def fit(
         train_loop_config={
             "task": task,
             "cfg": cfg.model_dump(),
-            "work_uri": ctx.work_uri,
-            "tracking_uri": ctx.tracking_uri,
+            # absolute: Ray Train runs the workers in a directory of its own
+            "work_uri": normalize(ctx.work_uri),
+            "tracking_uri": absolute_tracking_uri(ctx.tracking_uri),
             "run_id": ctx.run_id,
-            "model_uri": ctx.outputs[model_output] if model_output is not None else None,
+            "model_uri": normalize(ctx.outputs[model_output]) if model_output is not None else None,
         },
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpus > 0, resources_per_worker=per_worker
@@ -128,6 +140,15 @@ def fit(
         ),
     )
     return dict(trainer.fit().return_value or {})
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` or ``mlruns`` made absolute; other URIs unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    if uri and "://" not in uri and not uri.startswith("file:"):
+        return os.path.abspath(uri)
+    return uri
 
 
 # --- the worker side ----------------------------------------------------------------------------

@@ -21,7 +21,13 @@ from torch import nn
 from mmflow.stage import Resources, StageContext
 from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, complete_checkpoints, fit
-from mmflow.train.harness import _Checkpoints, _Progress, _to_device, lr_schedule
+from mmflow.train.harness import (
+    _Checkpoints,
+    _Progress,
+    _to_device,
+    absolute_tracking_uri,
+    lr_schedule,
+)
 
 DIM = 8
 
@@ -179,10 +185,11 @@ def test_rerun_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
         assert fixed.evaluate(model)["mse"] == pytest.approx(final["eval/mse"], rel=0.05)
 
 
-def test_ddp_grad_accum_saves_model_and_logs_to_mlflow(ray_cluster, tmp_path):
+def test_ddp_grad_accum_saves_model_and_logs_to_mlflow(ray_cluster, tmp_path, monkeypatch):
     import mlflow
 
-    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)  # a relative store, as the default config has: the workers
+    tracking_uri = "sqlite:///mlflow.db"  # run elsewhere, fit must pin it to this directory
     client = mlflow.MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
     cfg = TrainConfig(
@@ -276,3 +283,11 @@ def test_progress_line(capsys):
     assert re.fullmatch(
         r"\[train\] step 120/500 \(24%\) [\d.]+ steps/s loss 0\.4123 ETA \S+\n", line
     )
+
+
+def test_absolute_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("mlruns") == f"{tmp_path}/mlruns"
+    for uri in ("sqlite:////abs/m.db", "http://mlflow:5000", "file:///abs/mlruns", ""):
+        assert absolute_tracking_uri(uri) == uri
