@@ -59,7 +59,8 @@ class Tracker:
 
         self.tracking_uri = tracking_uri
         self.pipeline = pipeline
-        mlflow.set_tracking_uri(tracking_uri)
+        # no mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI in os.environ, which would
+        # then override the next pipeline's own store in this process (see load_pipeline)
         self.client = _client(tracking_uri)
         exp = self.client.get_experiment_by_name(pipeline)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(pipeline)
