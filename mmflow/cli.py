@@ -1,4 +1,4 @@
-"""``mmflow`` command line: run, status, stages, ui.
+"""``mmflow`` command line: run, status, stages, ui, decode.
 
 Exit codes: 0 success; 1 a stage failed (the resume command is printed);
 2 the pipeline or the command line is wrong (nothing was started).
@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+
+    decode = sub.add_parser("decode", help="decode rows of a token table back to PNGs")
+    decode.add_argument("tokens", help="a pretokenize `tokens` output folder (local or s3://)")
+    decode.add_argument("--rows", default="0-15", help="row numbers and ranges, e.g. 0-15,20")
+    decode.add_argument(
+        "--keys", type=_names, help="sample keys instead of --rows, comma-separated"
+    )
+    decode.add_argument("--out", required=True, help="folder for the PNGs and contact_sheet.png")
+    decode.add_argument(
+        "--tracking-uri", help="MLflow registry to find the VQ-GAN in, if its folder is gone"
+    )
     return parser
 
 
@@ -140,7 +151,10 @@ def cmd_stages(args) -> int:
         out[name] = {
             "description": cls.description,
             "version": cls.version,
-            "inputs": cls.inputs,
+            "inputs": {
+                k: f"{v} (optional)" if k in cls.optional_inputs else v
+                for k, v in cls.inputs.items()
+            },
             "outputs": cls.outputs,
             "resources": cls.resources.model_dump(),
             "params": params,
@@ -181,12 +195,30 @@ def cmd_ui(args) -> int:
     return 0  # pragma: no cover
 
 
+def cmd_decode(args) -> int:
+    from mmflow.decode import decode
+
+    try:
+        out = decode(args.tokens, args.out, args.rows, args.keys, args.tracking_uri)
+    except (FileNotFoundError, ValueError, KeyError, IndexError) as e:
+        print(f"mmflow decode: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"[mmflow] decoded {len(out['files'])} rows into {args.out} (contact sheet {out['contact_sheet']})"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "status": cmd_status, "stages": cmd_stages, "ui": cmd_ui}[
-            args.command
-        ](args)
+        return {
+            "run": cmd_run,
+            "status": cmd_status,
+            "stages": cmd_stages,
+            "ui": cmd_ui,
+            "decode": cmd_decode,
+        }[args.command](args)
     except ConfigError as e:
         print(
             "mmflow: the pipeline is not valid; nothing was run:\n"

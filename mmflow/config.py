@@ -190,6 +190,8 @@ def load_pipeline(
         for iname, kind in stype.inputs.items():
             ref = inputs_raw.get(iname)
             if ref is None:
+                if iname in stype.optional_inputs:
+                    continue
                 problems.append(
                     f"{at}, field 'inputs.{iname}': missing input ({kind}) for {stype.type}"
                 )
@@ -223,6 +225,8 @@ def load_pipeline(
                 )
                 continue
             configs[sname].inputs[iname] = InputRef(up, out)
+        for field, message in stype.check_wiring(configs[sname].params, set(inputs_raw)):
+            problems.append(f"{at}, field '{field}': {message}")
 
     order = _topological_order(configs, problems, where)
     if problems:

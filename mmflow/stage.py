@@ -110,8 +110,15 @@ class Stage:
     description: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
     inputs: ClassVar[dict[str, str]] = {}
+    optional_inputs: ClassVar[frozenset[str]] = frozenset()  # inputs a pipeline may leave unwired
     outputs: ClassVar[dict[str, str]] = {}
     resources: ClassVar[Resources] = Resources()
+
+    @classmethod
+    def check_wiring(cls, params: Params, wired: set[str]) -> list[tuple[str, str]]:
+        """(field, problem) pairs for params and wired inputs that do not fit together, such as
+        a model both wired as an input and named in params; checked when the pipeline loads."""
+        return []
 
     def run(self, ctx: StageContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -128,6 +135,8 @@ def register(cls: type[Stage]) -> type[Stage]:
             raise ValueError(
                 f"stage type {name!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})"
             )
+    if not cls.optional_inputs <= set(cls.inputs):
+        raise ValueError(f"stage type {name!r}: optional inputs must be among its inputs")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"stage type {name!r} registered twice")
     _REGISTRY[name] = cls

@@ -13,6 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Ray workers import test-only stages (tests.toy_stages) by module path.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# As mmflow/__init__.py does, before any test module imports ray: under `uv run`, Ray would
+# start every worker through `uv run` again, from a copy of the working directory without .uv/.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 MMFLOW = [sys.executable, "-m", "mmflow.cli"]
 
 

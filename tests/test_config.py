@@ -142,3 +142,28 @@ def test_cli_misspelt_param_exits_2_and_starts_nothing(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "num_sampels" in r.stderr and "num_samples" in r.stderr and "quickstart.yaml" in r.stderr
     assert os.listdir(tmp_path) == []  # no storage, no MLflow store, no Ray session
+
+
+def test_optional_input_and_wiring_checks(write_pipeline):
+    def pipeline(model_input: str, params: str) -> str:
+        return write_pipeline(f"""
+        synth:
+          type: synth_shapes
+        clip:
+          type: clip_train
+          inputs: {{shards: synth}}
+        filter:
+          type: clip_filter
+          inputs: {{shards: synth{model_input}}}
+          params: {{{params}}}
+        """)
+
+    # the CLIP named in params instead of wired: the optional `model` input may stay unwired
+    ok = load_pipeline(pipeline("", "model: {arch: mmflow-clip-tiny}"))
+    assert set(ok.stages["filter"].inputs) == {"shards"}
+    wired = load_pipeline(pipeline(", model: clip", ""))
+    assert wired.stages["filter"].inputs["model"].stage == "clip"
+    neither = problems(pipeline("", ""))
+    assert any("stage 'filter', field 'inputs.model'" in m and "no CLIP" in m for m in neither)
+    both = problems(pipeline(", model: clip", "model: {arch: mmflow-clip-tiny}"))
+    assert any("stage 'filter', field 'params.model'" in m and "keep one" in m for m in both)

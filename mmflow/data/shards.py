@@ -64,8 +64,12 @@ class ShardWriter:
         folder: str,
         shard: int,
         extra_columns: dict[str, pa.DataType] | None = None,
+        tar_writer: Callable[[Any], Any] | None = None,  # stream -> TarWriter; None: webdataset's
     ):
-        import webdataset as wds  # imports torch: keep it off the config-validation path
+        if tar_writer is None:
+            import webdataset as wds  # imports torch: keep it off the config-validation path
+
+            tar_writer = lambda stream: wds.TarWriter(stream, encoder=False)  # noqa: E731
 
         self.storage, self.folder, self.shard = storage, folder, shard
         self.schema = pa.schema({**BASE_COLUMNS, **(extra_columns or {})})
@@ -75,7 +79,7 @@ class ShardWriter:
         self.bytes = 0
         self.start = time.time()
         self._tar_ctx = storage.open_atomic(join(folder, f"{shard_name(shard)}.tar"))
-        self._tar = wds.TarWriter(self._tar_ctx.__enter__(), encoder=False)
+        self._tar = tar_writer(self._tar_ctx.__enter__())
         self.stats: dict[str, Any] | None = None
 
     def __enter__(self) -> ShardWriter:
@@ -229,3 +233,42 @@ def read_index(storage: Storage, folder: str) -> pa.Table:
             with storage.open_input(f.uri) as fh:
                 tables.append(pq.read_table(fh))
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+def index_uri(tar_uri: str) -> str:
+    """``…/00012.tar`` -> ``…/00012.parquet``, the shard's index."""
+    return tar_uri[: -len(".tar")] + ".parquet"
+
+
+def listed_keys(storage: Storage, tar_uri: str) -> set[str]:
+    """Keys the shard's index lists as downloaded; empty when there is no index."""
+    uri = index_uri(tar_uri)
+    if not storage.exists(uri):
+        return set()
+    with storage.open_input(uri) as f:
+        t = pq.read_table(f, columns=["key", "status"])
+    return {
+        k
+        for k, s in zip(t["key"].to_pylist(), t["status"].to_pylist(), strict=True)
+        if s == "success"
+    }
+
+
+def index_rows(storage: Storage, tar_uri: str) -> dict[str, dict[str, Any]]:
+    """The shard index's rows by key; empty when there is no index."""
+    uri = index_uri(tar_uri)
+    if not storage.exists(uri):
+        return {}
+    with storage.open_input(uri) as f:
+        return {r["key"]: r for r in pq.read_table(f).to_pylist()}
+
+
+def extra_columns(storage: Storage, shards: list[str]) -> dict[str, pa.DataType]:
+    """Columns of the input index beyond img2dataset's (e.g. ``mismatched``), carried to the output."""
+    for tar in shards:
+        uri = index_uri(tar)
+        if storage.exists(uri):
+            with storage.open_input(uri) as f:
+                schema = pq.read_schema(f)
+            return {n: schema.field(n).type for n in schema.names if n not in BASE_COLUMNS}
+    return {}

@@ -21,13 +21,9 @@ from torch import nn
 from mmflow.stage import Resources, StageContext
 from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, complete_checkpoints, fit
-from mmflow.train.harness import (
-    _Checkpoints,
-    _Progress,
-    _to_device,
-    absolute_tracking_uri,
-    lr_schedule,
-)
+from mmflow.train.checkpoints import Checkpoints
+from mmflow.train.engines import lr_schedule
+from mmflow.train.harness import _Progress, _to_device, absolute_tracking_uri
 
 DIM = 8
 
@@ -255,7 +251,7 @@ def test_prune_keeps_newest_two_complete_checkpoints(tmp_path):
         storage.write_json(f"{root}/step_{step:08d}/state.json", {})
         if complete:
             storage.write_json(f"{root}/step_{step:08d}/_COMPLETE", {"step": step})
-    _Checkpoints(root, TrainConfig(), rank=0, world=1).prune()
+    Checkpoints(root, TrainConfig(), rank=0, world=1).prune()
     assert [s for s, _ in complete_checkpoints(storage, root)] == [20, 30]
     # the partial one older than the newest complete goes; a newer partial stays (to be redone)
     assert sorted(i.name for i in storage.ls(root)) == [
@@ -270,8 +266,8 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
     storage.write_json(f"{root}/step_00000010/_COMPLETE", {"step": 10, "strategy": "ddp"})
     cfg = TrainConfig(strategy="deepspeed")
     with pytest.raises(RuntimeError, match="strategy.*ddp.*remove"):
-        _Checkpoints(root, cfg, rank=0, world=1).resume(runner=None)
-    assert _Checkpoints(str(tmp_path / "none"), cfg, rank=0, world=1).resume(None) == {"step": 0}
+        Checkpoints(root, cfg, rank=0, world=1).resume(runner=None)
+    assert Checkpoints(str(tmp_path / "none"), cfg, rank=0, world=1).resume(None) == {"step": 0}
 
 
 def test_progress_line(capsys):
