@@ -1,3 +1,9 @@
 """Built-in stage types. Importing this package registers them."""
 
-from mmflow.stages import clip_filter, clip_train, synth_shapes  # noqa: F401
+from mmflow.stages import (  # noqa: F401
+    clip_filter,
+    clip_train,
+    import_shards,
+    ingest_urls,
+    synth_shapes,
+)
