@@ -55,8 +55,6 @@ class Tracker:
     """The runner's handle on one pipeline invocation in MLflow."""
 
     def __init__(self, tracking_uri: str, pipeline: str):
-        import mlflow
-
         self.tracking_uri = tracking_uri
         self.pipeline = pipeline
         # no mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI in os.environ, which would
