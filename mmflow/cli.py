@@ -68,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
 
     decode = sub.add_parser("decode", help="decode rows of a token table back to PNGs")
-    decode.add_argument("tokens", help="a pretokenize `tokens` output folder (local or s3://)")
+    decode.add_argument(
+        "tokens",
+        help="a pretokenize `tokens` output folder (local or s3://), or a pipeline YAML: its "
+        "pretokenize stage's committed output",
+    )
+    decode.add_argument(
+        "--stage", help="with a pipeline YAML: the stage (default: its pretokenize)"
+    )
     decode.add_argument("--rows", default="0-15", help="row numbers and ranges, e.g. 0-15,20")
     decode.add_argument(
         "--keys", type=_names, help="sample keys instead of --rows, comma-separated"
@@ -195,11 +202,34 @@ def cmd_ui(args) -> int:
     return 0  # pragma: no cover
 
 
+def _committed_tokens(path: str, stage: str | None) -> tuple[str, str]:
+    """(tokens folder, tracking URI) of a pipeline's committed pretokenize stage."""
+    from mmflow.runner import Runner
+
+    pipeline = load_pipeline(path)
+    names = [n for n, c in pipeline.stages.items() if c.type == "pretokenize"]
+    if stage is None and len(names) != 1:
+        raise ValueError(f"{path}: pretokenize stages {names}; name one with --stage")
+    stage = stage or names[0]
+    if stage not in pipeline.stages:
+        raise ValueError(f"{path}: no stage {stage!r} (stages: {', '.join(pipeline.stages)})")
+    [row] = [r for r in Runner(pipeline).status() if r.name == stage]
+    if row.state != "done":
+        raise FileNotFoundError(
+            f"{path}: stage {stage!r} is {row.state}; run it first: mmflow run {path}"
+        )
+    return f"{row.output.rstrip('/')}/tokens", pipeline.tracking_uri
+
+
 def cmd_decode(args) -> int:
     from mmflow.decode import decode
 
     try:
-        out = decode(args.tokens, args.out, args.rows, args.keys, args.tracking_uri)
+        tokens, tracking_uri = args.tokens, args.tracking_uri
+        if tokens.endswith((".yaml", ".yml")):
+            tokens, own_uri = _committed_tokens(tokens, args.stage)
+            tracking_uri = tracking_uri or own_uri
+        out = decode(tokens, args.out, args.rows, args.keys, tracking_uri)
     except (FileNotFoundError, ValueError, KeyError, IndexError) as e:
         print(f"mmflow decode: {e}", file=sys.stderr)
         return EXIT_USAGE

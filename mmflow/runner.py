@@ -94,9 +94,23 @@ def ensure_ray() -> None:
     else:
         # address="local": always a fresh local instance, never a stale `ray start` cluster
         # recorded in /tmp/ray (set RAY_ADDRESS=auto to join a local `ray start` on purpose).
+        # No dashboard (memory, start-up time), hence no state API: the hook quiets the warning
+        # Ray Train's placement-group cleaner would print every few seconds of a training stage.
         ray.init(
-            address="local", include_dashboard=False, log_to_driver=True, configure_logging=False
+            address="local",
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+            runtime_env={"worker_process_setup_hook": "mmflow.runner.quiet_without_dashboard"},
         )
+
+
+def quiet_without_dashboard() -> None:
+    """In each worker of a local, dashboard-less Ray: mute the one logger that polls the state API."""
+    import logging
+
+    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class Runner:

@@ -45,10 +45,17 @@ def write_pipeline(tmp_path):
 
 
 def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout: int = 600):
+    """``mmflow ARGS`` in a subprocess. When this process holds the session's Ray, the command
+    joins it through RAY_ADDRESS, as a job on a cluster does, instead of starting its own (about
+    15 s saved per run). Not with ``env``: the session's workers would not see those variables.
+    Tests that kill the driver start it with Popen and their own Ray."""
+    joined = {}
+    if env is None and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        joined["RAY_ADDRESS"] = sys.modules["ray"].get_runtime_context().gcs_address
     return subprocess.run(
         [*MMFLOW, *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **joined, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -5,5 +5,7 @@ from mmflow.stages import (  # noqa: F401
     clip_train,
     import_shards,
     ingest_urls,
+    pretokenize,
     synth_shapes,
+    vqgan_train,
 )

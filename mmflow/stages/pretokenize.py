@@ -1,0 +1,401 @@
+"""``pretokenize``: images -> VQ-GAN codes and captions -> BPE ids, into one Parquet table.
+
+First the caption tokenizer: byte-level BPE trained on the input's captions (read
+from the shards' parquet indexes, or the tars when there are none) in one Ray task,
+or loaded from ``text_tokenizer``; it is the output ``text_tokenizer`` (a folder
+``tokenizers.Tokenizer.from_file`` reads) and its sha256 is recorded. It lives here,
+not in ``vqgan_train``, so a new vocabulary reruns this stage and never the VQ-GAN.
+
+Then one streaming Ray Data pipeline::
+
+    shard URIs -> read (CPU actors: tar -> samples, decode + the VQ-GAN's preprocessing to
+                        uint8, captions -> ids; a bad sample is noted in _work/bad/, not passed on)
+               -> encode (actor pool, GPU actors when resources.gpus: the VQ-GAN encoder)
+               -> Parquet files of at most ``rows_per_file`` rows (output ``tokens``)
+
+Columns: ``key``, ``caption``, ``text_ids`` (list<int32>), ``image_tokens`` (list<int32>,
+row-major over the grid), ``grid_h``, ``grid_w``. Every file's key-value metadata
+(:data:`META_PREFIX` keys) names the VQ-GAN (storage URI, stage fingerprint, MLflow run,
+registered model), its codebook size and the text tokenizer's hash, so
+``mmflow decode`` and any reader (pyarrow, pandas, duckdb) need nothing else.
+Rows are in input order (shard, then sample). Bad samples (undecodable image, broken
+tar or json, missing image) are counted by reason in the metrics and listed in the
+manifest, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from mmflow.data.shards import list_shards
+from mmflow.data.webdataset_io import iter_shard
+from mmflow.stage import Params, Resources, Stage, StageContext, register
+from mmflow.storage import Storage, filesystem, join
+
+META_PREFIX = "mmflow."
+READ_CPUS = 1.0  # per reading actor; the encoding actors take resources.cpus each
+
+
+def token_schema(metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """The table's columns, with ``metadata`` as ``mmflow.*`` key-value pairs (strings)."""
+    fields = [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("text_ids", pa.list_(pa.int32())),
+        ("image_tokens", pa.list_(pa.int32())),
+        ("grid_h", pa.int32()),
+        ("grid_w", pa.int32()),
+    ]
+    meta = {f"{META_PREFIX}{k}": str(v) for k, v in (metadata or {}).items() if v is not None}
+    return pa.schema(fields, metadata=meta or None)
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, str]:
+    """The ``mmflow.*`` metadata of a token table file's schema, without the prefix."""
+    raw = schema.metadata or {}
+    return {
+        k.decode()[len(META_PREFIX) :]: v.decode()
+        for k, v in raw.items()
+        if k.decode().startswith(META_PREFIX)
+    }
+
+
+class PretokenizeParams(Params):
+    vocab_size: int = Field(
+        4096, ge=260, description="BPE vocabulary (256 bytes + 3 specials + merges)"
+    )
+    min_frequency: int = Field(2, ge=1, description="BPE: a pair is merged only this often")
+    text_tokenizer: str | None = Field(
+        None, description="a tokenizer.json (or its folder) to use instead of training one"
+    )
+    batch_size: int = Field(256, ge=1, description="images per encoder batch")
+    read_workers: int = Field(
+        1, ge=1, description="CPU actors reading and decoding shards (1 CPU each)"
+    )
+    rows_per_file: int = Field(100_000, ge=1, description="at most this many rows per Parquet file")
+    preview: int = Field(16, ge=0, description="rows decoded back into the logged round-trip sheet")
+
+    @model_validator(mode="after")
+    def _check(self) -> PretokenizeParams:
+        if self.text_tokenizer is not None and not self.text_tokenizer.strip():
+            raise ValueError("text_tokenizer must be a path, or null to train one")
+        return self
+
+
+# --- the caption tokenizer ------------------------------------------------------------------------
+
+
+def _captions(storage: Storage, shards: list[str]) -> Iterator[str]:
+    """Every sample's caption in shard order: from the parquet index when a shard has one."""
+    for tar in shards:
+        index = tar[: -len(".tar")] + ".parquet"
+        if storage.exists(index):
+            with storage.open_input(index) as f:
+                t = pq.read_table(f, columns=["caption", "status"])
+            for c, s in zip(t["caption"].to_pylist(), t["status"].to_pylist(), strict=True):
+                if s == "success":
+                    yield c or ""
+        else:
+            yield from ((s.caption or "") for s in iter_shard(storage, tar) if not s.error)
+
+
+def build_text_tokenizer(
+    p: PretokenizeParams, shards: list[str], out_uri: str, storage: Storage
+) -> dict:
+    """Train (or load) the tokenizer, write its folder to ``out_uri``; returns its meta and JSON."""
+    import tempfile
+
+    from mmflow.data.text_tokenizer import TextTokenizer
+    from mmflow.models.clip import materialize
+
+    if p.text_tokenizer:
+        tok = TextTokenizer.load(materialize(p.text_tokenizer, storage))
+    else:
+        tok = TextTokenizer.train(_captions(storage, shards), p.vocab_size, p.min_frequency)
+    with tempfile.TemporaryDirectory(prefix="mmflow-tok-") as tmp:
+        meta = tok.save(tmp)
+        storage.upload_dir(tmp, out_uri)
+    return {"meta": meta, "json": tok.tokenizer.to_str()}
+
+
+# --- encoding on Ray Data ----------------------------------------------------------------------------
+
+
+class Reader:
+    """One per CPU actor: whole shards in, chunks of ``chunk`` good rows out (uint8 pixels in the
+    VQ-GAN's preprocessing, caption ids). Bad samples go to ``{bad_uri}/{shard}.json``."""
+
+    def __init__(
+        self, image_size: int, tokenizer_json: str, storage: Storage, bad_uri: str, chunk: int
+    ):
+        import torch
+        from tokenizers import Tokenizer
+
+        from mmflow.data.text_tokenizer import TextTokenizer
+        from mmflow.models.vqgan import Preprocess
+
+        torch.set_num_threads(1)
+        self.preprocess = Preprocess(image_size)
+        self.tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), "stage")
+        self.storage, self.bad_uri, self.chunk = storage, bad_uri, chunk
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        from PIL import Image
+
+        for shard, uri in zip(batch["shard"].to_pylist(), batch["uri"].to_pylist(), strict=True):
+            rows: list[tuple[str, str, Any]] = []
+            bad: list[dict[str, str]] = []
+            for s in iter_shard(self.storage, uri):
+                try:
+                    if s.error:
+                        raise ValueError(s.error)
+                    with Image.open(io.BytesIO(s.image)) as img:
+                        rows.append((s.key, s.caption or "", self.preprocess.pixels(img).numpy()))
+                except Exception as e:
+                    reason = s.error or f"undecodable_image: {type(e).__name__}: {e}"[:200]
+                    bad.append({"key": s.key, "error": reason})
+                if len(rows) == self.chunk:
+                    yield self._table(rows)
+                    rows = []
+            if rows:
+                yield self._table(rows)
+            # deterministic, so a retried actor rewrites the same file
+            self.storage.write_json(join(self.bad_uri, f"{shard:05d}.json"), bad)
+
+    def _table(self, rows: list[tuple[str, str, Any]]) -> pa.Table:
+        from ray.data.extensions import ArrowTensorArray
+
+        keys, captions, pixels = zip(*rows, strict=True)
+        ids = self.tokenizer.encode_batch(list(captions))
+        return pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "caption": pa.array(captions, pa.string()),
+                "text_ids": pa.array(ids, pa.list_(pa.int32())),
+                "pixels": ArrowTensorArray.from_numpy(np.stack(pixels)),
+            }
+        )
+
+
+class Encoder:
+    """One per actor: the VQ-GAN on its device; uint8 pixels in, row-major codes out."""
+
+    def __init__(self, model_uri: str, threads: int):
+        import torch
+
+        from mmflow.models.clip import materialize
+        from mmflow.models.vqgan import load_vqgan
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, _, _ = load_vqgan(materialize(model_uri), self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        from mmflow.models.vqgan import from_uint8
+
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(
+            self.device, non_blocking=True
+        )
+        with torch.inference_mode():
+            tokens = self.model.tokenize(from_uint8(pixels))  # (B, h, w)
+        n, h, w = tokens.shape
+        flat = tokens.reshape(n, h * w).to(torch.int32).cpu().numpy()
+        return pa.table(
+            {
+                "key": pa.array(list(batch["key"]), pa.string()),
+                "caption": pa.array(list(batch["caption"]), pa.string()),
+                "text_ids": pa.array(list(batch["text_ids"]), pa.list_(pa.int32())),
+                "image_tokens": pa.FixedSizeListArray.from_arrays(
+                    pa.array(flat.reshape(-1)), h * w
+                ).cast(pa.list_(pa.int32())),
+                "grid_h": pa.array(np.full(n, h, np.int32)),
+                "grid_w": pa.array(np.full(n, w, np.int32)),
+            }
+        )
+
+
+def encode_shards(
+    ctx: StageContext, shards: list[str], p: PretokenizeParams, model_uri: str, image_size: int,
+    tokenizer_json: str, schema: pa.Schema,
+) -> None:  # fmt: skip
+    """Run the Ray Data pipeline; the table lands in ``ctx.outputs['tokens']``."""
+    import ray
+    from ray.data import DataContext
+
+    res = ctx.resources
+    data_ctx = DataContext.get_current()
+    keep_order = data_ctx.execution_options.preserve_order
+    data_ctx.execution_options.preserve_order = (
+        True  # rows in input order: row numbers mean something
+    )
+    try:
+        items = [{"shard": i, "uri": uri} for i, uri in enumerate(shards)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            Reader,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.read_workers),
+            num_cpus=READ_CPUS,
+            fn_constructor_kwargs={
+                "image_size": image_size,
+                "tokenizer_json": tokenizer_json,
+                "storage": ctx.storage,
+                "bad_uri": ctx.work("bad"),
+                "chunk": p.batch_size,
+            },
+        )
+        ds = ds.map_batches(
+            Encoder,
+            batch_size=p.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=max(1, res.workers)),
+            num_cpus=res.cpus,
+            num_gpus=res.gpus or None,
+            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(res.cpus))},
+        )
+        fs, path = filesystem(ctx.outputs["tokens"])
+        # writing is light I/O: no CPU reservation, so it never waits for the actors to let go of theirs
+        ds.write_parquet(
+            path,
+            filesystem=fs,
+            schema=schema,
+            min_rows_per_file=p.rows_per_file,
+            max_rows_per_file=p.rows_per_file,
+            ray_remote_args={"num_cpus": 0},
+        )
+    finally:
+        data_ctx.execution_options.preserve_order = keep_order
+
+
+def table_files(uri: str) -> list[str]:
+    """The table's Parquet files under ``uri``, sorted (the order pyarrow and pandas read them in)."""
+    return sorted(f.uri for f in Storage().ls(uri) if f.name.endswith(".parquet") and not f.is_dir)
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+
+
+@register
+class Pretokenize(Stage):
+    type = "pretokenize"
+    version = "1"
+    description = (
+        "Encode images with a VQ-GAN and captions with BPE into a Parquet token table (Ray Data)."
+    )
+    Params = PretokenizeParams
+    inputs = {"shards": "shards", "model": "model"}
+    outputs = {"tokens": "table", "text_tokenizer": "tokenizer"}
+    resources = Resources(cpus=1, workers=1)  # per encoding actor; readers take READ_CPUS each
+
+    def run(self, ctx: StageContext) -> None:
+        import ray
+
+        p: PretokenizeParams = ctx.params
+        model_in = ctx.inputs["model"]
+        vq = ctx.storage.read_json(join(model_in.uri, "vqgan.json"))
+        cfg = vq["config"]
+        factor = 2 ** (len(cfg["channel_mult"]) - 1)
+        grid = cfg["image_size"] // factor
+        shards = list_shards(ctx.storage, ctx.inputs["shards"].uri)
+        if not shards:
+            raise ValueError(f"no .tar shards in {ctx.inputs['shards'].uri}")
+        for name in (
+            "tokens",
+            "text_tokenizer",
+        ):  # leftovers of an interrupted attempt would mix in
+            ctx.storage.delete(ctx.outputs[name])
+        ctx.storage.delete(ctx.work("bad"))
+
+        start = time.monotonic()
+        build = ray.remote(build_text_tokenizer).options(num_cpus=1)
+        tok = ray.get(build.remote(p, shards, ctx.outputs["text_tokenizer"], ctx.storage))
+        tok_meta = tok["meta"]
+        tokenized = time.monotonic()
+        info = model_in.info
+        metadata = {
+            "format": "mmflow-tokens/1",
+            "vqgan_uri": model_in.uri,
+            "vqgan_fingerprint": model_in.fingerprint,
+            "vqgan_run_id": model_in.manifest.get("mlflow_run_id"),
+            "vqgan_stage": model_in.stage,
+            "vqgan_arch": vq.get("arch"),
+            "vqgan_registered_model": info.get("registered_model"),
+            "vqgan_registered_version": info.get("registered_version"),
+            "codebook_size": cfg["codebook_size"],
+            "grid_h": grid,
+            "grid_w": grid,
+            "image_size": cfg["image_size"],
+            "image_token_order": "row-major",
+            "text_tokenizer_sha256": tok_meta["sha256"],
+            "text_tokenizer_uri": ctx.outputs["text_tokenizer"],
+            "text_vocab_size": tok_meta["vocab_size"],
+            "text_special_tokens": json.dumps(tok_meta["special_tokens"], sort_keys=True),
+        }
+        print(f"[{ctx.stage}] {len(shards)} shards -> {vq.get('arch')} codes ({grid}x{grid} of "
+              f"{cfg['codebook_size']}), BPE of {tok_meta['vocab_size']} ({tok_meta['source']})", flush=True)  # fmt: skip
+        encode_shards(
+            ctx, shards, p, model_in.uri, cfg["image_size"], tok["json"], token_schema(metadata)
+        )
+        encoded = time.monotonic()
+
+        files = table_files(ctx.outputs["tokens"])
+        rows = sum(_num_rows(ctx.storage, f) for f in files)
+        bad = [b for f in ctx.storage.ls(ctx.work("bad")) for b in ctx.storage.read_json(f.uri)]
+        reasons = Counter(b["error"].split(":")[0] for b in bad)
+        listed = {
+            r: [b["key"] for b in bad if b["error"].split(":")[0] == r][:100] for r in reasons
+        }
+        timing = {"tokenizer_s": tokenized - start, "encode_s": encoded - tokenized}
+        ctx.log_metrics({"num_rows": rows, "num_bad": len(bad), **{f"bad_{r}": n for r, n in reasons.items()},
+                         "rows_per_s": rows / max(timing["encode_s"], 1e-9), **timing})  # fmt: skip
+        ctx.record_output("tokens", num_rows=rows, num_files=len(files), format="parquet",
+                          columns=token_schema().names, bad_samples=listed,
+                          **{k: v for k, v in metadata.items() if k != "format"})  # fmt: skip
+        ctx.record_output("text_tokenizer", **tok_meta, file="tokenizer.json")
+        ctx.log_artifact(_local(ctx, ctx.outputs["text_tokenizer"]), None)
+        if p.preview and rows:
+            sheet = ray.get(
+                ray.remote(_preview).options(num_cpus=1).remote(ctx.outputs["tokens"], p.preview)
+            )
+            ctx.log_image(sheet, "round_trip")
+        print(f"[{ctx.stage}] {rows} rows in {len(files)} files ({timing['encode_s']:.0f}s), "
+              f"{len(bad)} bad samples {dict(reasons) or ''}", flush=True)  # fmt: skip
+
+
+def _preview(tokens_uri: str, n: int):
+    """The first ``n`` rows decoded back to pictures, captions under them (a Ray task)."""
+    from mmflow.decode import contact_sheet_of, decode_rows
+
+    return contact_sheet_of(decode_rows(tokens_uri, rows=list(range(n))))
+
+
+def _num_rows(storage: Storage, uri: str) -> int:
+    with storage.open_input(uri) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _local(ctx: StageContext, uri: str) -> str:
+    """A local copy of a small output folder, for logging it as an artifact."""
+    import os
+    import tempfile
+
+    from mmflow.storage import is_remote, normalize
+
+    if not is_remote(normalize(uri)):
+        return normalize(uri)
+    local = os.path.join(tempfile.mkdtemp(prefix="mmflow-art-"), os.path.basename(uri.rstrip("/")))
+    ctx.storage.download_dir(uri, local)
+    return local
