@@ -42,6 +42,7 @@ from mmflow.models.clip import model_config, register_config, save_clip
 from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, fit
+from mmflow.train.epochs import Epochs
 
 
 class ClipTrainConfig(TrainConfig):
@@ -99,6 +100,11 @@ class ClipTrainParams(Params):
         return self
 
 
+def _example_bytes(example) -> int:
+    image, tokens = example
+    return image.numel() * image.element_size() + tokens.numel() * tokens.element_size()
+
+
 def is_held_out(key: str, fraction: float) -> bool:
     """Deterministic by key, whatever the sharding: the same samples are held out on every run."""
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < fraction * 2**32
@@ -111,7 +117,7 @@ class ClipTask(TrainTask):
         self, shards: list[str], p: ClipTrainParams, model_cfg: dict[str, Any], threads: int
     ):
         self.shards, self.p, self.model_cfg, self.threads = shards, p, model_cfg, threads
-        self._loss_fn = self._heldout = self._transforms = self._cache = None
+        self._loss_fn = self._heldout = self._transforms = self._epochs = None
 
     # --- model --------------------------------------------------------------------------------
     def build_model(self):
@@ -159,41 +165,27 @@ class ClipTask(TrainTask):
                 yield s.image, s.caption
 
     def _examples(self, rank: int, world: int, rng: random.Random) -> Iterator[tuple[Any, Any]]:
-        """One epoch of this rank's (image tensor, tokens). Streamed from the shards through a shuffle
-        buffer; without augmentation, kept in memory when the rank's share fits ``cache_mb``, so later
-        epochs replay it in a fresh order instead of decoding again."""
+        """One epoch of this rank's (image tensor, tokens), streamed from the shards through a
+        shuffle buffer; without augmentation, replayed from memory when the rank's share fits
+        ``cache_mb`` (:class:`mmflow.train.epochs.Epochs`)."""
+        if self._epochs is None:
+            cache = 0 if self.p.augment else self.p.cache_mb << 20
+            self._epochs = Epochs(self.p.shuffle_buffer, cache, _example_bytes)
+        return self._epochs.epoch(lambda: self._decoded(rank, world, rng), rng)
+
+    def _decoded(self, rank: int, world: int, rng: random.Random) -> Iterator[tuple[Any, Any]]:
         from PIL import Image
 
-        if self._cache is not None:
-            yield from (
-                self._cache[i] for i in rng.sample(range(len(self._cache)), len(self._cache))
-            )
-            return
         train_tf, val_tf, tokenizer = self._load_transforms()
         transform = train_tf if self.p.augment else val_tf
-        cache: list | None = [] if not self.p.augment and self.p.cache_mb > 0 else None
-        budget = self.p.cache_mb << 20
-        buffer: list[tuple[Any, Any]] = []
         for image, caption in self._samples(rank, world, rng):
             try:
-                example = (
+                yield (
                     transform(Image.open(io.BytesIO(image)).convert("RGB")),
                     tokenizer([caption])[0],
                 )
             except Exception:  # clip_filter counts bad images; training just skips them
                 continue
-            if cache is not None:
-                cache.append(example)
-                budget -= example[0].numel() * example[0].element_size() + example[1].numel() * 8
-                cache = cache if budget > 0 else None
-            buffer.append(example)
-            if len(buffer) >= self.p.shuffle_buffer:
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
-        self._cache = cache
 
     def train_batches(
         self, rank: int, world_size: int, start_step: int

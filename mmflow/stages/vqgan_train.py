@@ -45,6 +45,7 @@ from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.stages.clip_train import is_held_out
 from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, fit
+from mmflow.train.epochs import Epochs
 from mmflow.train.harness import absolute_tracking_uri
 
 if TYPE_CHECKING:  # the model code imports torch; this module stays light for config loading
@@ -166,7 +167,7 @@ class VqganTask(TrainTask):
     ):
         self.shards, self.p, self.cfg, self.perceptual = shards, p, p.model_config_(), perceptual
         self.threads, self.tracking_uri, self.run_id = threads, tracking_uri, run_id
-        self._cache = self._heldout = None
+        self._epochs = self._heldout = None
         self._step: int | None = None  # optimizer steps done, as seen by loss()
 
     # --- model --------------------------------------------------------------------------------
@@ -216,27 +217,15 @@ class VqganTask(TrainTask):
     def _epoch(self, rank: int, world: int, rng: random.Random) -> Iterator[Any]:
         """One pass over this rank's training images (uint8), shards in a shuffled order, through a
         shuffle buffer; replayed from memory in a fresh order once it was seen whole and fits."""
-        if self._cache is not None:
-            yield from (
-                self._cache[i] for i in rng.sample(range(len(self._cache)), len(self._cache))
-            )
-            return
+        if self._epochs is None:
+            self._epochs = Epochs(self.p.shuffle_buffer, self.p.cache_mb << 20, lambda t: t.numel())
         mine = self.shards[rank::world] if len(self.shards) >= world else list(self.shards)
-        cache: list | None = [] if self.p.cache_mb > 0 else None
-        budget, buffer = self.p.cache_mb << 20, []
-        for _, pixels in self._decoded(rng.sample(mine, len(mine)), False, rank, world):
-            if cache is not None:
-                cache.append(pixels)
-                budget -= pixels.numel()
-                cache = cache if budget > 0 else None
-            buffer.append(pixels)
-            if len(buffer) >= self.p.shuffle_buffer:
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
-        self._cache = cache
+
+        def stream():
+            order = rng.sample(mine, len(mine))
+            return (px for _, px in self._decoded(order, False, rank, world))
+
+        return self._epochs.epoch(stream, rng)
 
     def train_batches(
         self, rank: int, world_size: int, start_step: int

@@ -78,7 +78,7 @@ def test_batches_are_cached_after_one_pass(shards):
     assert first["image"].shape == (16, 3, 32, 32) and first["text"].shape == (16, 24)
     for _ in range(12):  # more than an epoch (about 144 training samples)
         next(batches)
-    assert task._cache is not None and 130 < len(task._cache) < 160
+    assert task._epochs.cached is not None and 130 < len(task._epochs.cached) < 160
 
 
 def test_loss_logit_scale_and_heldout_eval(shards):

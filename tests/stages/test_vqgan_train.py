@@ -110,7 +110,7 @@ def test_batches_carry_the_optimizer_step_and_are_cached_after_one_pass(shards):
     assert first[0]["image"].shape == (8, 3, 16, 16) and first[0]["image"].dtype == torch.float32
     assert first[0]["image"].min() >= -1 and first[0]["image"].max() <= 1
     assert [b["step"] for b in first[:6]] == [3, 3, 4, 4, 5, 5]
-    assert task._cache is not None and 60 < len(task._cache) < 90
+    assert task._epochs.cached is not None and 60 < len(task._epochs.cached) < 90
 
 
 def test_evaluate_reports_heldout_quality_and_codebook_usage(shards):

@@ -1,0 +1,42 @@
+"""A training rank's epochs over streamed examples: the first epoch through a shuffle buffer,
+the later ones replayed from memory in a fresh order when the whole epoch fit the budget.
+
+Decoding and preprocessing images is often the costliest part of a small model's step; a rank
+whose share of the data fits ``cache_bytes`` does it once. Used by the training stages'
+``TrainTask.train_batches``; no torch needed."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+
+class Epochs:
+    """``epoch(stream, rng)`` yields one pass; ``size(example)`` is its bytes in the cache."""
+
+    def __init__(self, shuffle_buffer: int, cache_bytes: int, size: Callable[[Any], int]):
+        self.shuffle_buffer, self.cache_bytes, self.size = shuffle_buffer, cache_bytes, size
+        self.cached: list | None = None  # the whole epoch, once one was seen whole and fit
+
+    def epoch(self, stream: Callable[[], Iterable[Any]], rng: random.Random) -> Iterator[Any]:
+        if self.cached is not None:
+            yield from (
+                self.cached[i] for i in rng.sample(range(len(self.cached)), len(self.cached))
+            )
+            return
+        cache: list | None = [] if self.cache_bytes > 0 else None
+        budget, buffer = self.cache_bytes, []
+        for example in stream():
+            if cache is not None:
+                cache.append(example)
+                budget -= self.size(example)
+                cache = cache if budget > 0 else None
+            buffer.append(example)
+            if len(buffer) >= self.shuffle_buffer:
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+        self.cached = cache
