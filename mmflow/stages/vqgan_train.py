@@ -30,7 +30,6 @@ model registry (``registered_model_name``; :mod:`mmflow.models.vqgan_mlflow`).
 from __future__ import annotations
 
 import io
-import os
 import random
 import sys
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from pydantic import Field, model_validator
 
 from mmflow.data.shards import list_shards
 from mmflow.data.webdataset_io import iter_shard
-from mmflow.models.clip import ClipSpec
+from mmflow.models.perceptual import PerceptualSpec, build_perceptual, perceptual_plan
 from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.stages.clip_train import is_held_out
 from mmflow.storage import Storage
@@ -65,30 +64,6 @@ class VqganTrainConfig(TrainConfig):
     checkpoint_every: int = Field(400, ge=0)
     eval_every: int = Field(400, ge=0)
     log_every: int = Field(25, ge=1)
-
-
-class PerceptualSpec(Params):
-    """The feature network of the perceptual loss."""
-
-    kind: Literal["auto", "clip", "lpips", "none"] = Field(
-        "auto", description="auto: the wired `clip` input if any, else none"
-    )
-    weight: float = Field(0.1, ge=0, description="perceptual loss weight")
-    clip: ClipSpec = Field(
-        default_factory=ClipSpec, description="CLIP to use when no `clip` input is wired"
-    )
-    vgg_weights: str | None = Field(
-        None, description="lpips: torchvision VGG16 state dict file (e.g. vgg16-397923af.pth)"
-    )
-    lpips_weights: str | None = Field(
-        None, description="lpips: the lpips package's vgg.pth (linear layers); none = uniform"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> PerceptualSpec:
-        if self.kind == "lpips" and not self.vgg_weights:
-            raise ValueError("perceptual kind 'lpips' needs vgg_weights (a local VGG16 file)")
-        return self
 
 
 class VqganLossParams(Params):
@@ -331,57 +306,6 @@ def _unit_to_pil(x):
     from PIL import Image
 
     return Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy())
-
-
-# --- the perceptual network ----------------------------------------------------------------------
-
-
-def perceptual_plan(spec: PerceptualSpec, ctx: StageContext) -> dict[str, Any] | None:
-    """What the workers build as the perceptual network (a picklable recipe), or None."""
-    clip_in = ctx.inputs.get("clip")
-    kind = spec.kind
-    if kind == "auto":
-        kind = "clip" if clip_in is not None or spec.clip.is_set else "none"
-    if spec.weight == 0 or kind == "none":
-        if clip_in is not None:
-            print(f"[{ctx.stage}] note: the `clip` input is unused (perceptual kind {spec.kind!r}, weight {spec.weight})", flush=True)  # fmt: skip
-        return None
-    if kind == "clip":
-        if clip_in is not None and spec.clip.is_set:
-            raise ValueError(
-                "a CLIP is wired as input `clip` and also named in loss.perceptual.clip; keep one"
-            )
-        if clip_in is None and not spec.clip.is_set:
-            raise ValueError(
-                "perceptual kind 'clip' needs a `clip` input (e.g. clip_train) or loss.perceptual.clip"
-            )
-        return {
-            "kind": "clip",
-            "spec": None if clip_in is not None else spec.clip.model_dump(),
-            "uri": clip_in.uri if clip_in is not None else None,
-            "run_id": clip_in.manifest.get("mlflow_run_id") if clip_in is not None else None,
-        }
-    for path in (spec.vgg_weights, spec.lpips_weights):
-        if path and not os.path.isfile(os.path.expanduser(path)):
-            raise FileNotFoundError(f"loss.perceptual: no weights file {path}")
-    return {"kind": "lpips", "vgg": spec.vgg_weights, "lpips": spec.lpips_weights}
-
-
-def build_perceptual(plan: dict[str, Any] | None):
-    """The frozen feature network a plan describes (in the worker that uses it)."""
-    if plan is None:
-        return None
-    from mmflow.models.vqgan_losses import LPIPS, ClipPerceptual
-
-    if plan["kind"] == "clip":
-        from mmflow.models.clip import ClipSpec, load_clip, resolve
-
-        spec = ClipSpec(**plan["spec"]) if plan["spec"] else None
-        clip = load_clip(resolve(spec, plan["uri"], plan["run_id"]))
-        return ClipPerceptual(clip.model.visual)
-    return LPIPS(
-        os.path.expanduser(plan["vgg"]), plan["lpips"] and os.path.expanduser(plan["lpips"])
-    )
 
 
 # --- the stage -----------------------------------------------------------------------------------
