@@ -94,23 +94,36 @@ def ensure_ray() -> None:
     else:
         # address="local": always a fresh local instance, never a stale `ray start` cluster
         # recorded in /tmp/ray (set RAY_ADDRESS=auto to join a local `ray start` on purpose).
-        # No dashboard (memory, start-up time), hence no state API: the hook quiets the warning
-        # Ray Train's placement-group cleaner would print every few seconds of a training stage.
+        # No dashboard (memory, start-up time), hence no state API: see gcs_actor_liveness.
         ray.init(
             address="local",
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
-            runtime_env={"worker_process_setup_hook": "mmflow.runner.quiet_without_dashboard"},
+            runtime_env={"worker_process_setup_hook": "mmflow.runner.gcs_actor_liveness"},
         )
 
 
-def quiet_without_dashboard() -> None:
-    """In each worker of a local, dashboard-less Ray: mute the one logger that polls the state API."""
+def gcs_actor_liveness() -> None:
+    """In each worker of the local, dashboard-less Ray. Ray Train's placement-group cleaner asks
+    the state API (served by the dashboard) once a second whether the training controller is
+    alive; without a dashboard every ask fails, with a warning or a traceback, and the cleaner
+    never cleans. Here it asks the GCS directly, which every Ray has. Should Ray's internals
+    move, the cleaner is left as it was, with its logger muted."""
     import logging
 
-    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import ray._private.state as gcs_state
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+        def is_actor_alive(actor_id: str, timeout: float | None = None) -> bool:
+            info = gcs_state.actors(actor_id=actor_id)
+            return bool(info) and info.get("State") != "DEAD"
+
+        placement_group_cleaner.is_actor_alive = is_actor_alive
+    except Exception:
+        name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class Runner:
