@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from mmflow.config import ConfigError, load_pipeline
+from mmflow.config import ConfigError, load_pipeline, resolve_tracking_uri
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -184,7 +184,7 @@ def cmd_ui(args) -> int:
     uri = args.tracking_uri
     if not uri and args.pipeline:
         uri = load_pipeline(args.pipeline).tracking_uri
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = resolve_tracking_uri(uri)
     cmd = [
         sys.executable,
         "-m",

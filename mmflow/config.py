@@ -20,6 +20,14 @@ from pydantic import ValidationError
 from mmflow.stage import Params, Resources, Stage, get_stage_type, stage_types
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(explicit: str | None = None, from_yaml: str | None = None) -> str:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the YAML's ``tracking_uri`` > MLflow 3's
+    default, ``sqlite:///mlflow.db``."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or from_yaml or DEFAULT_TRACKING_URI
+
+
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 TOP_LEVEL = ("name", "storage", "tracking_uri", "stages")
 STAGE_FIELDS = ("type", "inputs", "params", "resources")
@@ -233,12 +241,7 @@ def load_pipeline(
         raise ConfigError(problems)
 
     storage_uri = storage or raw.get("storage") or "./mmflow-data"
-    tracking = (
-        tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or raw.get("tracking_uri")
-        or DEFAULT_TRACKING_URI
-    )
+    tracking = resolve_tracking_uri(tracking_uri, raw.get("tracking_uri"))
     return PipelineConfig(
         path=path,
         name=name,

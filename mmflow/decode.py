@@ -73,7 +73,9 @@ def load_table_vqgan(meta: dict[str, str], tracking_uri: str | None = None, devi
         raise FileNotFoundError(
             f"the VQ-GAN folder {uri} is gone and the table names no registered model"
         )
-    registry = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    from mmflow.config import resolve_tracking_uri
+
+    registry = resolve_tracking_uri(tracking_uri)
     try:
         from mmflow.models.vqgan_mlflow import load_registered_vqgan
 

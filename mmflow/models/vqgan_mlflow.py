@@ -23,11 +23,11 @@ def log_and_register(ctx: StageContext, model_uri: str, name: str | None) -> dic
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from mmflow.models.clip import materialize
     from mmflow.models.vqgan import CONFIG_FILE, load_vqgan
 
     with tempfile.TemporaryDirectory(prefix="mmflow-vqgan-") as tmp:
-        local = os.path.join(tmp, "model")  # a folder is logged under its own name
-        ctx.storage.download_dir(model_uri, local)
+        local = materialize(model_uri, ctx.storage)  # the folder `model`, logged under its name
         ctx.log_artifact(local)
         if not ctx.run_id:
             return {}

@@ -42,7 +42,7 @@ from mmflow.models.clip import model_config, register_config, save_clip
 from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, fit
-from mmflow.train.epochs import Epochs
+from mmflow.train.epochs import Epochs, batches
 
 
 class ClipTrainConfig(TrainConfig):
@@ -194,20 +194,13 @@ class ClipTask(TrainTask):
 
         # a resume reshuffles, reproducibly
         rng = random.Random(f"{self.p.train.seed}-{rank}-{start_step}")
-        batch: list[tuple[Any, Any]] = []
-        while True:
-            seen = 0
-            for example in self._examples(rank, world_size, rng):
-                seen += 1
-                batch.append(example)
-                if len(batch) == self.p.train.batch_size:
-                    yield {
-                        "image": torch.stack([b[0] for b in batch]),
-                        "text": torch.stack([b[1] for b in batch]),
-                    }
-                    batch = []
-            if seen == 0:
-                raise RuntimeError(f"rank {rank}: no training samples in {len(self.shards)} shards")
+        empty = f"rank {rank}: no training samples in {len(self.shards)} shards"
+        epoch = lambda: self._examples(rank, world_size, rng)  # noqa: E731
+        for batch in batches(epoch, self.p.train.batch_size, empty):
+            yield {
+                "image": torch.stack([b[0] for b in batch]),
+                "text": torch.stack([b[1] for b in batch]),
+            }
 
     # --- loss and eval ----------------------------------------------------------------------------
     def loss(self, model, batch):

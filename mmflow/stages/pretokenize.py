@@ -303,6 +303,8 @@ class Pretokenize(Stage):
     def run(self, ctx: StageContext) -> None:
         import ray
 
+        from mmflow.models.clip import materialize
+
         p: PretokenizeParams = ctx.params
         model_in = ctx.inputs["model"]
         vq = ctx.storage.read_json(join(model_in.uri, "vqgan.json"))
@@ -365,7 +367,7 @@ class Pretokenize(Stage):
                           columns=token_schema().names, bad_samples=listed,
                           **{k: v for k, v in metadata.items() if k != "format"})  # fmt: skip
         ctx.record_output("text_tokenizer", **tok_meta, file="tokenizer.json")
-        ctx.log_artifact(_local(ctx, ctx.outputs["text_tokenizer"]), None)
+        ctx.log_artifact(materialize(ctx.outputs["text_tokenizer"], ctx.storage), None)
         if p.preview and rows:
             sheet = ray.get(
                 ray.remote(_preview).options(num_cpus=1).remote(ctx.outputs["tokens"], p.preview)
@@ -385,17 +387,3 @@ def _preview(tokens_uri: str, n: int):
 def _num_rows(storage: Storage, uri: str) -> int:
     with storage.open_input(uri) as f:
         return pq.ParquetFile(f).metadata.num_rows
-
-
-def _local(ctx: StageContext, uri: str) -> str:
-    """A local copy of a small output folder, for logging it as an artifact."""
-    import os
-    import tempfile
-
-    from mmflow.storage import is_remote, normalize
-
-    if not is_remote(normalize(uri)):
-        return normalize(uri)
-    local = os.path.join(tempfile.mkdtemp(prefix="mmflow-art-"), os.path.basename(uri.rstrip("/")))
-    ctx.storage.download_dir(uri, local)
-    return local

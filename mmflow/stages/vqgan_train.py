@@ -44,7 +44,7 @@ from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.stages.clip_train import is_held_out
 from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, fit
-from mmflow.train.epochs import Epochs
+from mmflow.train.epochs import Epochs, batches
 from mmflow.train.harness import absolute_tracking_uri
 
 if TYPE_CHECKING:  # the model code imports torch; this module stays light for config loading
@@ -211,18 +211,12 @@ class VqganTask(TrainTask):
 
         rng = random.Random(f"{self.p.train.seed}-{rank}-{start_step}")  # a resume reshuffles
         micro, per_step = start_step * self.p.train.grad_accum, self.p.train.grad_accum
-        batch: list[Any] = []
-        while True:
-            seen = 0
-            for pixels in self._epoch(rank, world_size, rng):
-                seen += 1
-                batch.append(pixels)
-                if len(batch) == self.p.train.batch_size:
-                    # the step travels with the batch: the GAN and the restarts follow a schedule
-                    yield {"image": from_uint8(torch.stack(batch)), "step": micro // per_step}
-                    batch, micro = [], micro + 1
-            if seen == 0:
-                raise RuntimeError(f"rank {rank}: no training images in {len(self.shards)} shards")
+        empty = f"rank {rank}: no training images in {len(self.shards)} shards"
+        epoch = lambda: self._epoch(rank, world_size, rng)  # noqa: E731
+        for batch in batches(epoch, self.p.train.batch_size, empty):
+            # the step travels with the batch: the GAN and the restarts follow a schedule
+            yield {"image": from_uint8(torch.stack(batch)), "step": micro // per_step}
+            micro += 1
 
     # --- loss and eval ----------------------------------------------------------------------------
     def loss(self, model, batch):
@@ -254,7 +248,7 @@ class VqganTask(TrainTask):
         vq = model.vqgan
         dev = next(vq.parameters()).device
         K = vq.cfg.codebook_size
-        counts, scores, first = torch.zeros(K, dtype=torch.long), {"psnr": [], "ssim": []}, None
+        counts, scores = torch.zeros(K, dtype=torch.long), {"psnr": [], "ssim": []}
         for i in range(0, len(images), 256):
             x = from_uint8(images[i : i + 256]).to(dev)
             xrec, _, tokens, _ = vq(x)
@@ -262,12 +256,8 @@ class VqganTask(TrainTask):
             orig, rec = to_unit(x), to_unit(xrec)
             scores["psnr"].append(psnr(rec, orig).cpu())
             scores["ssim"].append(ssim(rec, orig).cpu())
-            first = (
-                first
-                if first is not None
-                else (orig[: self.p.preview].cpu(), rec[: self.p.preview].cpu())
-            )
-        self._log_grid(*first)
+            if i == 0:
+                self._log_grid(x[: self.p.preview].cpu(), xrec[: self.p.preview].cpu())
         return {
             "psnr": float(torch.cat(scores["psnr"]).mean()),
             "ssim": float(torch.cat(scores["ssim"]).mean()),
@@ -277,19 +267,21 @@ class VqganTask(TrainTask):
         }
 
     def _log_grid(self, originals, reconstructions) -> None:
-        """Originals above their reconstructions, 8 a row, into the stage's run (rank 0 only)."""
+        """Originals above their reconstructions (model space), 8 a row, into the stage's run
+        (rank 0 only)."""
         if not self.run_id or len(originals) == 0:
             return
         from PIL import Image
 
         from mmflow.data.images import contact_sheet
+        from mmflow.models.vqgan import to_pil
         from mmflow.tracking import log_image
 
         cols, pics = min(8, len(originals)), []
-        blank = Image.new("RGB", _unit_to_pil(originals[0]).size, "white")
+        blank = Image.new("RGB", to_pil(originals[0]).size, "white")
         for i in range(0, len(originals), cols):
             for batch in (originals[i : i + cols], reconstructions[i : i + cols]):
-                pics += [_unit_to_pil(t) for t in batch] + [blank] * (cols - len(batch))
+                pics += [to_pil(t) for t in batch] + [blank] * (cols - len(batch))
         try:
             sheet = contact_sheet(pics, cols=cols, cell=64)
             log_image(
@@ -300,12 +292,6 @@ class VqganTask(TrainTask):
             )
         except Exception as e:  # a flaky tracking server must not kill a long run
             sys.stdout.write(f"[vqgan_train] warning: could not log the reconstruction grid: {e}\n")
-
-
-def _unit_to_pil(x):
-    from PIL import Image
-
-    return Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 # --- the stage -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A training rank's epochs over streamed examples: the first epoch through a shuffle buffer,
-the later ones replayed from memory in a fresh order when the whole epoch fit the budget.
+the later ones replayed from memory in a fresh order when the whole epoch fit the budget; and
+the endless batches a ``TrainTask.train_batches`` cuts from them.
 
 Decoding and preprocessing images is often the costliest part of a small model's step; a rank
 whose share of the data fits ``cache_bytes`` does it once. Used by the training stages'
@@ -40,3 +41,19 @@ class Epochs:
         rng.shuffle(buffer)
         yield from buffer
         self.cached = cache
+
+
+def batches(epoch: Callable[[], Iterable[Any]], batch_size: int, empty: str) -> Iterator[list]:
+    """Lists of ``batch_size`` examples from ``epoch()`` after ``epoch()``, forever; a partial
+    batch carries over into the next epoch. An epoch without examples raises ``empty``."""
+    batch: list = []
+    while True:
+        seen = 0
+        for example in epoch():
+            seen += 1
+            batch.append(example)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if seen == 0:
+            raise RuntimeError(empty)
