@@ -29,17 +29,35 @@ def ray_session():
     ray.shutdown()
 
 
+def pipeline_yaml(
+    folder, stages_yaml: str, name: str = "t", filename: str = "pipeline.yaml"
+) -> str:
+    """Write a pipeline YAML into ``folder`` with storage and tracking inside ``folder``."""
+    path = folder / filename
+    path.write_text(
+        f"name: {name}\nstorage: {folder / 'store'}\ntracking_uri: sqlite:///{folder / 'mlflow.db'}\n"
+        "stages:\n" + textwrap.indent(textwrap.dedent(stages_yaml).strip("\n"), "  ") + "\n"
+    )
+    return str(path)
+
+
+def run_pipeline(folder, stages_yaml: str, name: str = "t"):
+    """Write the pipeline into ``folder`` and run it whole: (its Runner, the YAML's path)."""
+    from mmflow.config import load_pipeline
+    from mmflow.runner import Runner
+
+    path = pipeline_yaml(folder, stages_yaml, name)
+    runner = Runner(load_pipeline(path))
+    runner.run()
+    return runner, path
+
+
 @pytest.fixture
 def write_pipeline(tmp_path):
     """Write a pipeline YAML into tmp_path with storage and tracking inside tmp_path."""
 
     def write(stages_yaml: str, name: str = "t", filename: str = "pipeline.yaml") -> str:
-        path = tmp_path / filename
-        path.write_text(
-            f"name: {name}\nstorage: {tmp_path / 'store'}\ntracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n"
-            "stages:\n" + textwrap.indent(textwrap.dedent(stages_yaml).strip("\n"), "  ") + "\n"
-        )
-        return str(path)
+        return pipeline_yaml(tmp_path, stages_yaml, name, filename)
 
     return write
 

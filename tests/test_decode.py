@@ -13,15 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mmflow.config import load_pipeline
 from mmflow.data.shards import list_shards
 from mmflow.data.webdataset_io import iter_shard
 from mmflow.decode import decode_rows, parse_rows
-from mmflow.runner import Runner
 from mmflow.stage import Stage, StageContext
 from mmflow.stages.pretokenize import table_files
 from mmflow.storage import Storage
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_pipeline
 
 
 class TrainedVqgan(Stage):
@@ -86,15 +84,7 @@ tok:
 
 @pytest.fixture(scope="module")
 def table(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("decode")
-    path = tmp / "pipeline.yaml"
-    path.write_text(
-        f"name: dec\nstorage: {tmp / 'store'}\ntracking_uri: sqlite:///{tmp / 'mlflow.db'}\n"
-        "stages:\n" + "\n".join("  " + line for line in PIPELINE.strip().splitlines()) + "\n"
-    )
-    runner = Runner(load_pipeline(str(path)))
-    runner.run()
-    runner.yaml_path = str(path)
+    runner, runner.yaml_path = run_pipeline(tmp_path_factory.mktemp("decode"), PIPELINE, name="dec")
     return runner
 
 

@@ -25,6 +25,7 @@ from mmflow.models.clip import ClipSource, load_clip, save_clip
 from mmflow.runner import Runner
 from mmflow.stage import Resources, Stage, StageContext
 from mmflow.stages.synth_shapes import EXTRA_COLUMNS, SynthShapesParams, make_sample
+from tests.conftest import run_pipeline
 
 # --- test-only stages: a random CLIP, and shards with every kind of defect ---------------------------
 
@@ -117,17 +118,7 @@ filter:
 
 @pytest.fixture(scope="module")
 def filtered(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("clip_filter")
-    path = tmp / "pipeline.yaml"
-    import textwrap
-
-    path.write_text(
-        f"name: t\nstorage: {tmp / 'store'}\ntracking_uri: sqlite:///{tmp / 'mlflow.db'}\n"
-        "stages:\n" + textwrap.indent(PIPELINE.strip("\n"), "  ") + "\n"
-    )
-    runner = Runner(load_pipeline(str(path)))
-    runner.run()
-    return runner, str(path)
+    return run_pipeline(tmp_path_factory.mktemp("clip_filter"), PIPELINE)
 
 
 def read_tar(path):

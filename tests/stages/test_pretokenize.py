@@ -26,6 +26,7 @@ from mmflow.stage import Resources, Stage, StageContext
 from mmflow.stages.pretokenize import read_metadata, table_files, token_schema
 from mmflow.stages.synth_shapes import SynthShapesParams, make_sample
 from mmflow.storage import Storage
+from tests.conftest import run_pipeline
 
 GOOD = 12  # good samples per shard
 
@@ -87,15 +88,7 @@ tok:
 
 @pytest.fixture(scope="module")
 def done(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pretokenize")
-    path = tmp / "pipeline.yaml"
-    path.write_text(
-        f"name: pt\nstorage: {tmp / 'store'}\ntracking_uri: sqlite:///{tmp / 'mlflow.db'}\n"
-        "stages:\n" + "\n".join("  " + line for line in PIPELINE.strip().splitlines()) + "\n"
-    )
-    runner = Runner(load_pipeline(str(path)))
-    runner.run()
-    return runner, str(path)
+    return run_pipeline(tmp_path_factory.mktemp("pretokenize"), PIPELINE, name="pt")
 
 
 def test_table_columns_grid_rows_and_bounded_files(done):
