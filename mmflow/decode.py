@@ -43,7 +43,7 @@ def open_table(uri: str):
     """(pyarrow dataset over the table's files in name order, its ``mmflow.*`` metadata)."""
     import pyarrow.dataset as pads
 
-    from mmflow.stages.pretokenize import read_metadata, table_files
+    from mmflow.data.token_table import read_metadata, table_files
     from mmflow.storage import filesystem
 
     files = table_files(uri)
@@ -61,7 +61,7 @@ def open_table(uri: str):
 
 def load_table_vqgan(meta: dict[str, str], tracking_uri: str | None = None, device: str = "cpu"):
     """The VQ-GAN a table was encoded with: its folder, else its registered MLflow model."""
-    from mmflow.models.clip import materialize
+    from mmflow.io.cache import materialize
     from mmflow.models.vqgan import load_vqgan
     from mmflow.storage import Storage
 

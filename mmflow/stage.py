@@ -21,16 +21,11 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from mmflow.params import Params
 from mmflow.storage import Storage, join
 
 KINDS = ("shards", "table", "model", "tokenizer")
 MANIFEST = "_MANIFEST.json"
-
-
-class Params(BaseModel):
-    """Base for stage params: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class Resources(BaseModel):

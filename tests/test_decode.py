@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from mmflow.data.shards import list_shards
+from mmflow.data.token_table import table_files
 from mmflow.data.webdataset_io import iter_shard
 from mmflow.decode import decode_rows, parse_rows
 from mmflow.stage import Stage, StageContext
-from mmflow.stages.pretokenize import table_files
 from mmflow.storage import Storage
 from tests.conftest import run_cli, run_pipeline
 

@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from mmflow.models.clip import roc_auc
+from mmflow.eval.metrics import roc_auc
 
 FILTER_REASONS = ("short_caption", "below_threshold", "below_top_fraction", "duplicate")
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -33,10 +32,11 @@ from typing import Any
 
 from pydantic import model_validator
 
-from mmflow.stage import Params
+from mmflow.io.cache import materialize
+from mmflow.params import Params
 from mmflow.storage import Storage, is_remote, normalize
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs" / "clip"  # one folder per model family
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # a name open_clip's local-dir loader looks for
 CONFIG_FILE = "open_clip_config.json"  # {"model_cfg": ..., "preprocess_cfg": ...}
 META_FILE = "mmflow_clip.json"  # {"arch": ..., "tag": ...}: how to name this model in score tables
@@ -85,13 +85,20 @@ class Clip:
 # --- the registry -------------------------------------------------------------------------------
 
 
+_REGISTERED = False  # open_clip rescans its whole registry on add_model_config: once per process
+
+
 def register_configs() -> None:
-    """Make mmflow's architecture configs known to open_clip (idempotent)."""
+    """Make mmflow's CLIP architecture configs known to open_clip (idempotent, once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
     import open_clip
 
-    missing = [p.stem for p in CONFIG_DIR.glob("*.json") if p.stem not in open_clip.list_models()]
-    if missing:
+    known = set(open_clip.list_models())
+    if any(p.stem not in known for p in CONFIG_DIR.glob("*.json")):
         open_clip.add_model_config(CONFIG_DIR)
+    _REGISTERED = True
 
 
 def register_config(name: str, model_cfg: dict[str, Any]) -> None:
@@ -235,31 +242,6 @@ def save_clip(model: Any, arch: str, model_cfg: dict[str, Any], out_dir: str, **
     _write_json(os.path.join(out_dir, META_FILE), {"arch": arch, **meta})
 
 
-def materialize(uri: str, storage: Storage | None = None) -> str:
-    """A local path for the model folder or checkpoint file at ``uri``: itself when local, else a
-    cached download (stage outputs never change once committed, so caching by URI is safe)."""
-    uri = normalize(uri)
-    if not is_remote(uri):
-        return uri
-    storage = storage or Storage()
-    cache = os.path.join(tempfile.gettempdir(), "mmflow-clip-cache", _digest(uri))
-    local = os.path.join(cache, os.path.basename(uri.rstrip("/")))
-    if not os.path.exists(os.path.join(cache, "_DONE")):
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        if storage.is_dir(uri):
-            storage.download_dir(uri, os.path.join(tmp, os.path.basename(local)))
-        else:
-            os.makedirs(tmp, exist_ok=True)
-            with open(os.path.join(tmp, os.path.basename(local)), "wb") as f:
-                f.write(storage.read_bytes(uri))
-        open(os.path.join(tmp, "_DONE"), "w").close()
-        try:
-            os.replace(tmp, cache)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return local
-
-
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence open_clip's INFO chatter (it logs every step of model creation on the root logger)."""
@@ -295,40 +277,3 @@ def _read_json(path: str) -> dict[str, Any]:
 def _write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-
-
-# --- evaluation -----------------------------------------------------------------------------------
-
-
-def retrieval_recall(
-    image_features, text_features, ks: tuple[int, ...] = (1, 5)
-) -> dict[str, float]:
-    """Image->text and text->image recall@k of matched pairs (row i of each); features L2-normalised."""
-    import torch
-
-    sim = image_features @ text_features.T  # (N, N)
-    target = torch.arange(len(sim), device=sim.device)
-    out = {}
-    for direction, logits in (("i2t", sim), ("t2i", sim.T)):
-        rank = (logits > logits[target, target][:, None]).sum(1)  # how many beat the true partner
-        for k in ks:
-            out[f"{direction}_r{k}"] = float((rank < k).float().mean())
-    return out
-
-
-def roc_auc(scores, positive) -> float:
-    """Area under the ROC curve: the chance a random positive outscores a random negative (ties count half)."""
-    import numpy as np
-
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties (1-based)
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from mmflow.models.clip import ClipSpec
-from mmflow.stage import Params
+from mmflow.params import Params
 
 if TYPE_CHECKING:
     from mmflow.stage import StageContext

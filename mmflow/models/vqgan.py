@@ -14,7 +14,7 @@ the current batch (Jukebox, "dead-code restart"); the first restart, at step 0,
 is a data-dependent initialisation of the whole codebook. Usage is tracked as an
 EMA of each code's share of tokens, summed over every DDP rank.
 
-Architectures are JSON files in ``mmflow/models/configs/vqgan-*.json`` behind one
+Architectures are JSON files in ``mmflow/models/configs/vqgan/*.json`` behind one
 factory, :func:`create_vqgan`, which returns the model with its preprocessing;
 :func:`save_vqgan` / :func:`load_vqgan` write and read a model folder. The losses,
 the discriminator and the training wrapper are in :mod:`mmflow.models.vqgan_losses`.
@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs" / "vqgan"  # one folder per model family
 WEIGHTS_FILE = "vqgan.pt"  # the generator's state dict (no discriminator)
 CONFIG_FILE = "vqgan.json"  # {"arch": ..., "config": VQGANConfig fields, ...meta}
 
@@ -362,7 +362,7 @@ def to_pil(x: torch.Tensor):
 
 
 def list_archs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("vqgan-*.json"))
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def vqgan_config(arch: str, overrides: dict[str, Any] | None = None) -> VQGANConfig:

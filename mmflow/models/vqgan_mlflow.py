@@ -23,7 +23,7 @@ def log_and_register(ctx: StageContext, model_uri: str, name: str | None) -> dic
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mmflow.models.clip import materialize
+    from mmflow.io.cache import materialize
     from mmflow.models.vqgan import CONFIG_FILE, load_vqgan
 
     with tempfile.TemporaryDirectory(prefix="mmflow-vqgan-") as tmp:

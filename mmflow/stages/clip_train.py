@@ -25,7 +25,6 @@ it is also logged to the stage's MLflow run as the ``model`` artifact.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from mmflow.data.holdout import is_held_out
 from mmflow.data.shards import list_shards
 from mmflow.data.webdataset_io import iter_shard
 from mmflow.models.clip import model_config, register_config, save_clip
@@ -103,11 +103,6 @@ class ClipTrainParams(Params):
 def _example_bytes(example) -> int:
     image, tokens = example
     return image.numel() * image.element_size() + tokens.numel() * tokens.element_size()
-
-
-def is_held_out(key: str, fraction: float) -> bool:
-    """Deterministic by key, whatever the sharding: the same samples are held out on every run."""
-    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < fraction * 2**32
 
 
 class ClipTask(TrainTask):
@@ -261,7 +256,7 @@ class ClipTask(TrainTask):
         import numpy as np
         import torch
 
-        from mmflow.models.clip import retrieval_recall, roc_auc
+        from mmflow.eval.metrics import retrieval_recall, roc_auc
 
         images, texts, truth = self._heldout_set()
         out = {"logit_scale": float(model.logit_scale.exp())}

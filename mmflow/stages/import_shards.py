@@ -27,9 +27,9 @@ from pydantic import Field, field_validator
 
 from mmflow.data.ingest_import import LISTED_BAD_KEYS, ImportJob, import_shard
 from mmflow.data.ingest_sources import expand_uris
+from mmflow.data.preview import preview_grid
 from mmflow.data.shards import map_shards, shard_name
 from mmflow.stage import Params, Resources, Stage, StageContext, register
-from mmflow.stages.ingest_urls import preview_grid
 
 
 class ImportShardsParams(Params):

@@ -17,7 +17,6 @@ same list and copies its successes, bytes untouched (see docs/ingest.md).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -31,9 +30,10 @@ from mmflow.data.http_fetch import FetchOptions
 from mmflow.data.ingest_images import ImageOptions
 from mmflow.data.ingest_shard import RETRY_KINDS, ShardConfig, ShardJob, ingest_shard
 from mmflow.data.ingest_sources import ListSpec, expand_uris, file_size, split_url_list
-from mmflow.data.shards import BASE_COLUMNS, list_shards, map_shards, shard_name
+from mmflow.data.preview import preview_grid
+from mmflow.data.shards import BASE_COLUMNS, map_shards, shard_name
 from mmflow.stage import MANIFEST, Params, Resources, Stage, StageContext, register
-from mmflow.storage import Storage, join
+from mmflow.storage import join
 
 LIST_EXTS = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".txt", ".gz")
 SPLIT_MARKER = "_SPLIT.json"
@@ -331,28 +331,6 @@ def report(
     )
     if p.preview and ok:
         ctx.log_image(preview_grid(ctx.storage, ctx.outputs["shards"], p.preview), "samples")
-
-
-def preview_grid(storage: Storage, folder: str, n: int):
-    """A contact sheet of the first ``n`` whole samples of a shards folder, with captions."""
-    import io
-    import itertools
-
-    from PIL import Image
-
-    from mmflow.data.images import contact_sheet
-    from mmflow.data.webdataset_io import iter_shard
-
-    samples = (
-        s
-        for uri in list_shards(storage, folder)
-        for s in iter_shard(storage, uri)
-        if s.error is None
-    )
-    first = list(itertools.islice(samples, n))
-    images = [Image.open(io.BytesIO(s.image)).convert("RGB") for s in first]
-    cols = min(8, max(1, math.ceil(math.sqrt(len(first)))))
-    return contact_sheet(images, [s.caption or "" for s in first], cols=cols)
 
 
 def _log_json(ctx: StageContext, obj: Any, name: str) -> None:

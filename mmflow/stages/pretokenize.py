@@ -38,36 +38,12 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from mmflow.data.shards import list_shards
+from mmflow.data.token_table import table_files, token_schema
 from mmflow.data.webdataset_io import iter_shard
 from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.storage import Storage, filesystem, join
 
-META_PREFIX = "mmflow."
 READ_CPUS = 1.0  # per reading actor; the encoding actors take resources.cpus each
-
-
-def token_schema(metadata: dict[str, Any] | None = None) -> pa.Schema:
-    """The table's columns, with ``metadata`` as ``mmflow.*`` key-value pairs (strings)."""
-    fields = [
-        ("key", pa.string()),
-        ("caption", pa.string()),
-        ("text_ids", pa.list_(pa.int32())),
-        ("image_tokens", pa.list_(pa.int32())),
-        ("grid_h", pa.int32()),
-        ("grid_w", pa.int32()),
-    ]
-    meta = {f"{META_PREFIX}{k}": str(v) for k, v in (metadata or {}).items() if v is not None}
-    return pa.schema(fields, metadata=meta or None)
-
-
-def read_metadata(schema: pa.Schema) -> dict[str, str]:
-    """The ``mmflow.*`` metadata of a token table file's schema, without the prefix."""
-    raw = schema.metadata or {}
-    return {
-        k.decode()[len(META_PREFIX) :]: v.decode()
-        for k, v in raw.items()
-        if k.decode().startswith(META_PREFIX)
-    }
 
 
 class PretokenizeParams(Params):
@@ -116,7 +92,7 @@ def build_text_tokenizer(
     import tempfile
 
     from mmflow.data.text_tokenizer import TextTokenizer
-    from mmflow.models.clip import materialize
+    from mmflow.io.cache import materialize
 
     if p.text_tokenizer:
         tok = TextTokenizer.load(materialize(p.text_tokenizer, storage))
@@ -193,7 +169,7 @@ class Encoder:
     def __init__(self, model_uri: str, threads: int):
         import torch
 
-        from mmflow.models.clip import materialize
+        from mmflow.io.cache import materialize
         from mmflow.models.vqgan import load_vqgan
 
         torch.set_num_threads(threads)
@@ -280,11 +256,6 @@ def encode_shards(
         data_ctx.execution_options.preserve_order = keep_order
 
 
-def table_files(uri: str) -> list[str]:
-    """The table's Parquet files under ``uri``, sorted (the order pyarrow and pandas read them in)."""
-    return sorted(f.uri for f in Storage().ls(uri) if f.name.endswith(".parquet") and not f.is_dir)
-
-
 # --- the stage ----------------------------------------------------------------------------------------
 
 
@@ -303,7 +274,7 @@ class Pretokenize(Stage):
     def run(self, ctx: StageContext) -> None:
         import ray
 
-        from mmflow.models.clip import materialize
+        from mmflow.io.cache import materialize
 
         p: PretokenizeParams = ctx.params
         model_in = ctx.inputs["model"]

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from mmflow.data.holdout import is_held_out
 from mmflow.data.shards import list_shards
 from mmflow.data.webdataset_io import iter_shard
 from mmflow.models.perceptual import PerceptualSpec, build_perceptual, perceptual_plan
 from mmflow.stage import Params, Resources, Stage, StageContext, register
-from mmflow.stages.clip_train import is_held_out
 from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, fit
 from mmflow.train.epochs import Epochs, batches
@@ -239,8 +239,8 @@ class VqganTask(TrainTask):
     def evaluate(self, model) -> dict[str, float]:
         import torch
 
+        from mmflow.eval.metrics import perplexity, psnr, ssim
         from mmflow.models.vqgan import from_uint8, to_unit
-        from mmflow.models.vqgan_losses import perplexity, psnr, ssim
 
         images = self._heldout_set() if self.p.eval_samples > 0 else None
         if images is None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from mmflow.stage import Params
+from mmflow.params import Params
 
 if TYPE_CHECKING:
     import torch

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from mmflow.config import load_pipeline
+from mmflow.data.holdout import is_held_out
 from mmflow.data.shards import list_shards
 from mmflow.models.clip import WEIGHTS_FILE, model_config
 from mmflow.runner import Runner
-from mmflow.stages.clip_train import ClipTask, ClipTrainParams, is_held_out
+from mmflow.stages.clip_train import ClipTask, ClipTrainParams
 from mmflow.stages.synth_shapes import SynthShapesParams, write_shard
 from mmflow.storage import Storage
 

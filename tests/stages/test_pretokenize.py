@@ -19,11 +19,11 @@ from PIL import Image
 from mmflow.config import load_pipeline
 from mmflow.data.shards import ShardWriter, sample_key
 from mmflow.data.text_tokenizer import TextTokenizer
+from mmflow.data.token_table import read_metadata, table_files, token_schema
 from mmflow.data.webdataset_io import iter_shard
 from mmflow.models.vqgan import load_vqgan
 from mmflow.runner import Runner
 from mmflow.stage import Resources, Stage, StageContext
-from mmflow.stages.pretokenize import read_metadata, table_files, token_schema
 from mmflow.stages.synth_shapes import SynthShapesParams, make_sample
 from mmflow.storage import Storage
 from tests.conftest import run_pipeline

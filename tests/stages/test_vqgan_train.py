@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mmflow.config import ConfigError, load_pipeline
+from mmflow.data.holdout import is_held_out
 from mmflow.data.shards import list_shards
 from mmflow.models.clip import save_clip
 from mmflow.models.perceptual import PerceptualSpec, build_perceptual, perceptual_plan
@@ -18,7 +19,6 @@ from mmflow.models.vqgan_losses import ClipPerceptual
 from mmflow.models.vqgan_mlflow import load_registered_vqgan
 from mmflow.runner import Runner
 from mmflow.stage import Dataset, Resources, Stage, StageContext
-from mmflow.stages.clip_train import is_held_out
 from mmflow.stages.synth_shapes import SynthShapesParams, write_shard
 from mmflow.stages.vqgan_train import VqganTask, VqganTrainParams
 from mmflow.storage import Storage

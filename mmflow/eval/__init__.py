@@ -1,0 +1,1 @@
+"""Evaluation: metrics shared by the stages and tasks (and, to come, judges)."""

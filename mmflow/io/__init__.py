@@ -1,0 +1,1 @@
+"""Storage-backed I/O shared by every layer above storage: the local model-folder cache."""
