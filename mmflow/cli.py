@@ -1,4 +1,4 @@
-"""``mmflow`` command line: run, status, stages, ui, decode.
+"""``mmflow`` command line: run, status, stages, ui, decode, generate.
 
 Exit codes: 0 success; 1 a stage failed (the resume command is printed);
 2 the pipeline or the command line is wrong (nothing was started).
@@ -13,6 +13,7 @@ import shlex
 import sys
 
 from mmflow.config import ConfigError, load_pipeline, resolve_tracking_uri
+from mmflow.redact import redact_uri
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force", action="store_true", help="re-execute selected stages even on a cache hit"
     )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="if another run is writing a stage's output, stop instead of waiting for it",
+    )
 
     status = sub.add_parser("status", help="state of every stage: done, stale, missing or failed")
     _pipeline_args(status)
@@ -84,14 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument(
         "--tracking-uri", help="MLflow registry to find the VQ-GAN in, if its folder is gone"
     )
+    gen = sub.add_parser("generate", help="draw pictures from a prompt, or caption pictures")
+    gen.add_argument(
+        "model", help="a pipeline YAML (its committed joint_train model) or a model folder"
+    )
+    gen.add_argument("--stage", help="with a pipeline YAML: the stage (default: its joint_train)")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="draw pictures of this caption")
+    what.add_argument("--caption", nargs="+", metavar="IMAGE", help="caption these pictures")
+    gen.add_argument("--n", type=int, default=8, help="pictures to draw")
+    gen.add_argument("--out", help="folder for the PNGs and contact_sheet.png")
+    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    gen.add_argument(
+        "--temperature", type=float, help="0 = greedy (default: 1 for pictures, 0 for captions)"
+    )
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def cmd_run(args) -> int:
+    from mmflow.lease import LeaseHeld
     from mmflow.runner import Runner, SelectionError, StageFailed
 
     pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
-    runner = Runner(pipeline)
+    runner = Runner(pipeline, wait_for_lease=not args.no_wait)
     try:
         report = runner.run(
             only=args.only,
@@ -99,7 +123,7 @@ def cmd_run(args) -> int:
             force=args.force,
             command=shlex.join(["mmflow", *sys.argv[1:]]),
         )
-    except SelectionError as e:
+    except (SelectionError, LeaseHeld) as e:
         print(f"mmflow: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailed as e:
@@ -111,23 +135,26 @@ def cmd_run(args) -> int:
         return EXIT_FAILED
     print(
         f"[mmflow] {pipeline.name}: {len(report.executed)} executed, {len(report.cached)} cached; "
-        f"MLflow run {report.parent_run_id} at {pipeline.tracking_uri}",
+        f"MLflow run {report.parent_run_id} at {redact_uri(pipeline.tracking_uri)}",
         flush=True,
     )
     return 0
 
 
 def cmd_status(args) -> int:
-    from mmflow.runner import Runner
+    from mmflow.plan import Plan
 
     pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
-    rows = Runner(pipeline).status()
+    rows = Plan(pipeline).status()
     if args.json:
         print(
             json.dumps({"pipeline": pipeline.name, "stages": [r.to_json() for r in rows]}, indent=2)
         )
         return 0
-    print(f"pipeline {pipeline.name}  storage {pipeline.storage}  tracking {pipeline.tracking_uri}")
+    print(
+        f"pipeline {pipeline.name}  storage {redact_uri(pipeline.storage)}  "
+        f"tracking {redact_uri(pipeline.tracking_uri)}"
+    )
     for r in rows:
         metrics = ", ".join(
             f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if k != "duration_s"
@@ -141,7 +168,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_stages(args) -> int:
-    from mmflow.stage import stage_types
+    from mmflow.plugins import stage_types
 
     out = {}
     for name, cls in stage_types().items():
@@ -197,28 +224,30 @@ def cmd_ui(args) -> int:
         "--port",
         str(args.port),
     ]
-    print(f"[mmflow] MLflow UI on http://{args.host}:{args.port} for {uri}", flush=True)
+    print(f"[mmflow] MLflow UI on http://{args.host}:{args.port} for {redact_uri(uri)}", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
 
 
-def _committed_tokens(path: str, stage: str | None) -> tuple[str, str]:
-    """(tokens folder, tracking URI) of a pipeline's committed pretokenize stage."""
-    from mmflow.runner import Runner
+def _committed(path: str, stage: str | None, stage_type: str, output: str) -> tuple[str, str]:
+    """(output URI, tracking URI) of a pipeline's committed stage of ``stage_type``."""
+    from mmflow.plan import Plan
 
     pipeline = load_pipeline(path)
-    names = [n for n, c in pipeline.stages.items() if c.type == "pretokenize"]
+    names = [n for n, c in pipeline.stages.items() if c.type == stage_type]
     if stage is None and len(names) != 1:
-        raise ValueError(f"{path}: pretokenize stages {names}; name one with --stage")
+        raise ValueError(f"{path}: {stage_type} stages {names}; name one with --stage")
     stage = stage or names[0]
     if stage not in pipeline.stages:
         raise ValueError(f"{path}: no stage {stage!r} (stages: {', '.join(pipeline.stages)})")
-    [row] = [r for r in Runner(pipeline).status() if r.name == stage]
+    [row] = [r for r in Plan(pipeline).status() if r.name == stage]
     if row.state != "done":
         raise FileNotFoundError(
             f"{path}: stage {stage!r} is {row.state}; run it first: mmflow run {path}"
         )
-    return f"{row.output.rstrip('/')}/tokens", pipeline.tracking_uri
+    if output not in row.outputs:
+        raise ValueError(f"{path}: stage {stage!r} has no `{output}` output (a {stage_type}?)")
+    return row.outputs[output], pipeline.tracking_uri
 
 
 def cmd_decode(args) -> int:
@@ -227,7 +256,7 @@ def cmd_decode(args) -> int:
     try:
         tokens, tracking_uri = args.tokens, args.tracking_uri
         if tokens.endswith((".yaml", ".yml")):
-            tokens, own_uri = _committed_tokens(tokens, args.stage)
+            tokens, own_uri = _committed(tokens, args.stage, "pretokenize", "tokens")
             tracking_uri = tracking_uri or own_uri
         out = decode(tokens, args.out, args.rows, args.keys, tracking_uri)
     except (FileNotFoundError, ValueError, KeyError, IndexError) as e:
@@ -236,6 +265,36 @@ def cmd_decode(args) -> int:
     print(
         f"[mmflow] decoded {len(out['files'])} rows into {args.out} (contact sheet {out['contact_sheet']})"
     )
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from mmflow.generate.joint import PromptError, caption_files, draw_to_folder, load_painter
+    from mmflow.generate.sampling import SamplingConfig
+    from mmflow.io.cache import materialize
+
+    try:
+        folder = args.model
+        if folder.endswith((".yaml", ".yml")):
+            folder, _ = _committed(folder, args.stage, "joint_train", "model")
+        painter = load_painter(materialize(folder))
+        sampling = SamplingConfig(
+            temperature=(1.0 if args.prompt else 0.0) if args.temperature is None else args.temperature,
+            top_k=args.top_k, top_p=args.top_p,
+            guidance_scale=args.guidance if args.prompt else 1.0, seed=args.seed,
+        )  # fmt: skip
+        if args.prompt is not None:
+            if not args.out:
+                raise ValueError("--prompt needs --out DIR for the pictures")
+            out = draw_to_folder(painter, args.prompt, args.n, sampling, args.out)
+            print(f"[mmflow] {len(out['files'])} pictures of {args.prompt!r} in {args.out} "
+                  f"(contact sheet {out['contact_sheet']})")  # fmt: skip
+        else:
+            for path, text in caption_files(painter, args.caption, sampling):
+                print(f"{path}\t{text}")
+    except (FileNotFoundError, ValueError, PromptError, OSError) as e:
+        print(f"mmflow generate: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -248,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "stages": cmd_stages,
             "ui": cmd_ui,
             "decode": cmd_decode,
+            "generate": cmd_generate,
         }[args.command](args)
     except ConfigError as e:
         print(

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mmflow.stage import Params, Resources, Stage, get_stage_type, stage_types
+from mmflow.plugins import StageTypeError, get_stage_type, stage_type_names
+from mmflow.stage import Params, Resources, Stage
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -98,7 +99,29 @@ def load_pipeline(
     storage: str | None = None,
     tracking_uri: str | None = None,
 ) -> PipelineConfig:
+    """Read, override, validate and order a pipeline; every problem is gathered into one
+    :class:`ConfigError` naming the file, the stage and the field."""
     overrides = list(overrides or [])
+    raw = _read_yaml(path)
+    problems: list[str] = []
+    name, stages_raw = _top_level(raw, path, problems)
+    _apply_overrides(stages_raw, overrides, problems)
+    configs, inputs_raw = _stage_configs(stages_raw, path, problems)
+    _wire_inputs(configs, inputs_raw, stages_raw, path, problems)
+    order = _topological_order(configs, problems, path)
+    if problems:
+        raise ConfigError(problems)
+    return PipelineConfig(
+        path=path,
+        name=name,
+        storage=str(storage or raw.get("storage") or "./mmflow-data"),
+        tracking_uri=str(resolve_tracking_uri(tracking_uri, raw.get("tracking_uri"))),
+        stages={n: configs[n] for n in order},
+        overrides=overrides,
+    )
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -108,9 +131,11 @@ def load_pipeline(
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping with {', '.join(TOP_LEVEL)}"])
+    return raw
 
-    problems: list[str] = []
-    where = path
+
+def _top_level(raw: dict[str, Any], where: str, problems: list[str]) -> tuple[str, dict]:
+    """The pipeline's name and its raw ``stages`` mapping; unknown fields are problems."""
     for key in raw:
         if key not in TOP_LEVEL:
             problems.append(
@@ -123,8 +148,11 @@ def load_pipeline(
     if not isinstance(stages_raw, dict) or not stages_raw:
         problems.append(f"{where}: field 'stages': required, a mapping of stage name -> stage")
         raise ConfigError(problems)
+    return name, stages_raw
 
-    # --set overrides are applied to the raw mapping so they are validated like YAML values.
+
+def _apply_overrides(stages_raw: dict[str, Any], overrides: list[str], problems: list[str]) -> None:
+    """``--set`` values go into the raw mapping, so they are validated like YAML values."""
     for expr in overrides:
         parts, value = parse_set(expr)
         stage_name = parts[0]
@@ -133,18 +161,33 @@ def load_pipeline(
                 f"--set {expr!r}: no stage {stage_name!r}{_suggest(stage_name, list(stages_raw))}"
             )
             continue
-        node = (
-            stages_raw[stage_name].setdefault(parts[1], {})
-            if isinstance(stages_raw[stage_name], dict)
-            else {}
-        )
-        for p in parts[2:-1]:
-            node = node.setdefault(p, {})
+        stage = stages_raw[stage_name]
+        node = stage.setdefault(parts[1], {}) if isinstance(stage, dict) else {}
+        for key in parts[2:-1]:
+            node = node.setdefault(key, {})
         node[parts[-1]] = value
 
-    known_types = list(stage_types())
+
+def _stage_type(tname: Any, at: str, problems: list[str]) -> type[Stage] | None:
+    try:
+        stype = get_stage_type(tname) if isinstance(tname, str) else None
+    except StageTypeError as e:
+        problems.append(f"{at}, field 'type': {e}")
+        return None
+    if stype is None:
+        problems.append(
+            f"{at}, field 'type': unknown stage type {tname!r}"
+            f"{_suggest(str(tname), stage_type_names())}"
+        )
+    return stype
+
+
+def _stage_configs(
+    stages_raw: dict[str, Any], where: str, problems: list[str]
+) -> tuple[dict[str, StageConfig], dict[str, dict[str, Any]]]:
+    """Each stage's type, params and resources, validated; its raw inputs kept for wiring."""
     configs: dict[str, StageConfig] = {}
-    pending_inputs: dict[str, dict[str, Any]] = {}
+    inputs: dict[str, dict[str, Any]] = {}
     for sname, sraw in stages_raw.items():
         at = f"{where}: stage {sname!r}"
         if not isinstance(sname, str) or not STAGE_NAME.match(sname):
@@ -158,36 +201,36 @@ def load_pipeline(
                 problems.append(
                     f"{at}, field {key!r}: unknown field{_suggest(key, list(STAGE_FIELDS))}"
                 )
-        tname = sraw.get("type")
-        stype = get_stage_type(tname) if isinstance(tname, str) else None
+        stype = _stage_type(sraw.get("type"), at, problems)
         if stype is None:
-            problems.append(
-                f"{at}, field 'type': unknown stage type {tname!r}{_suggest(str(tname), known_types)}"
-            )
             continue
         params = _validate(stype.Params, sraw.get("params") or {}, f"{at}, field 'params", problems)
-        base_res = stype.resources.model_dump()
         res_raw = sraw.get("resources") or {}
-        res = _validate(
-            Resources,
-            {**base_res, **res_raw} if isinstance(res_raw, dict) else res_raw,
-            f"{at}, field 'resources",
-            problems,
-        )
+        if isinstance(res_raw, dict):
+            res_raw = {**stype.resources.model_dump(), **res_raw}
+        res = _validate(Resources, res_raw, f"{at}, field 'resources", problems)
         inputs_raw = sraw.get("inputs") or {}
         if not isinstance(inputs_raw, dict):
             problems.append(
                 f"{at}, field 'inputs': expected a mapping of input name -> stage[.output]"
             )
             inputs_raw = {}
-        pending_inputs[sname] = inputs_raw
+        inputs[sname] = inputs_raw
         if params is not None and res is not None:
             configs[sname] = StageConfig(sname, stype, params, res, {})
+    return configs, inputs
 
-    for sname, inputs_raw in pending_inputs.items():
-        if sname not in configs:
-            continue
-        stype = configs[sname].stage_type
+
+def _wire_inputs(
+    configs: dict[str, StageConfig],
+    inputs: dict[str, dict[str, Any]],
+    stages_raw: dict[str, Any],
+    where: str,
+    problems: list[str],
+) -> None:
+    """Resolve each ``input: stage[.output]`` to an upstream output of the right kind."""
+    for sname, cfg in configs.items():
+        stype, inputs_raw = cfg.stage_type, inputs[sname]
         at = f"{where}: stage {sname!r}"
         for iname in inputs_raw:
             if iname not in stype.inputs:
@@ -198,58 +241,40 @@ def load_pipeline(
         for iname, kind in stype.inputs.items():
             ref = inputs_raw.get(iname)
             if ref is None:
-                if iname in stype.optional_inputs:
-                    continue
-                problems.append(
-                    f"{at}, field 'inputs.{iname}': missing input ({kind}) for {stype.type}"
-                )
-                continue
-            up, _, out = str(ref).partition(".")
-            if up not in stages_raw:
-                problems.append(
-                    f"{at}, field 'inputs.{iname}': no stage {up!r}{_suggest(up, list(stages_raw))}"
-                )
-                continue
-            if up not in configs:
-                continue  # its own errors are reported already
-            up_outputs = configs[up].stage_type.outputs
-            if not out:
-                if len(up_outputs) != 1:
+                if iname not in stype.optional_inputs:
                     problems.append(
-                        f"{at}, field 'inputs.{iname}': stage {up!r} has outputs "
-                        f"{', '.join(up_outputs)}; name one as {up}.OUTPUT"
+                        f"{at}, field 'inputs.{iname}': missing input ({kind}) for {stype.type}"
                     )
-                    continue
-                out = next(iter(up_outputs))
-            if out not in up_outputs:
-                problems.append(
-                    f"{at}, field 'inputs.{iname}': stage {up!r} has no output {out!r}"
-                    f"{_suggest(out, list(up_outputs))}"
-                )
                 continue
-            if up_outputs[out] != kind:
-                problems.append(
-                    f"{at}, field 'inputs.{iname}': needs {kind}, but {up}.{out} is {up_outputs[out]}"
-                )
-                continue
-            configs[sname].inputs[iname] = InputRef(up, out)
-        for field, message in stype.check_wiring(configs[sname].params, set(inputs_raw)):
+            resolved = _resolve_input(str(ref), kind, configs, stages_raw)
+            if isinstance(resolved, str):
+                problems.append(f"{at}, field 'inputs.{iname}': {resolved}")
+            elif resolved is not None:
+                cfg.inputs[iname] = resolved
+        for field, message in stype.check_wiring(cfg.params, set(inputs_raw)):
             problems.append(f"{at}, field '{field}': {message}")
 
-    order = _topological_order(configs, problems, where)
-    if problems:
-        raise ConfigError(problems)
 
-    storage_uri = storage or raw.get("storage") or "./mmflow-data"
-    tracking = resolve_tracking_uri(tracking_uri, raw.get("tracking_uri"))
-    return PipelineConfig(
-        path=path,
-        name=name,
-        storage=str(storage_uri),
-        tracking_uri=str(tracking),
-        stages={n: configs[n] for n in order},
-        overrides=overrides,
-    )
+def _resolve_input(
+    ref: str, kind: str, configs: dict[str, StageConfig], stages_raw: dict[str, Any]
+) -> InputRef | str | None:
+    """The upstream output ``ref`` names, or a problem; None when the upstream stage has
+    problems of its own (already reported)."""
+    up, _, out = ref.partition(".")
+    if up not in stages_raw:
+        return f"no stage {up!r}{_suggest(up, list(stages_raw))}"
+    if up not in configs:
+        return None
+    up_outputs = configs[up].stage_type.outputs
+    if not out:
+        if len(up_outputs) != 1:
+            return f"stage {up!r} has outputs {', '.join(up_outputs)}; name one as {up}.OUTPUT"
+        out = next(iter(up_outputs))
+    if out not in up_outputs:
+        return f"stage {up!r} has no output {out!r}{_suggest(out, list(up_outputs))}"
+    if up_outputs[out] != kind:
+        return f"needs {kind}, but {up}.{out} is {up_outputs[out]}"
+    return InputRef(up, out)
 
 
 def _validate(model: type, data: Any, at: str, problems: list[str]) -> Any:

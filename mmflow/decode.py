@@ -77,9 +77,9 @@ def load_table_vqgan(meta: dict[str, str], tracking_uri: str | None = None, devi
 
     registry = resolve_tracking_uri(tracking_uri)
     try:
-        from mmflow.models.vqgan_mlflow import load_registered_vqgan
+        from mmflow.export.mlflow import download_registered
 
-        return load_registered_vqgan(name, version, registry, device)
+        return load_vqgan(download_registered(name, version, registry), device)[0]
     except Exception as e:
         raise FileNotFoundError(
             f"the VQ-GAN folder {uri} is gone, and registered model {name} v{version} is not in "

@@ -1,79 +1,43 @@
-"""The runner: fingerprints, plan, cache, placement on Ray, atomic commit, tracking.
+"""The runner: executes a plan (mmflow.plan) on Ray: lease, attempt folders, tracking, commit.
 
 Storage layout of a pipeline (see docs/architecture.md)::
 
     {storage}/{pipeline}/{stage}/{fingerprint}/
         {output}/...          one folder per declared output
-        _work/                private scratch (checkpoints, markers); removed at commit
+        _work/                private scratch (checkpoints, markers); removed after the commit
+        _attempts/{id}/       a forced re-execution builds here, beside the committed output
+        _LEASE.json           the one writer of this output while it runs (mmflow.lease)
         _FAILED.json          the last attempt's error (removed when it is retried)
         _MANIFEST.json        written last: its presence *is* the commit
     {storage}/{pipeline}/{stage}/_LATEST.json   pointer to the newest committed fingerprint
+
+An execution reads as its steps (``_execute``): take the lease, prepare the attempt's
+folders, resolve the inputs, open the MLflow run, run the stage, commit, clean up.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shlex
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from mmflow.config import PipelineConfig, StageConfig
-from mmflow.stage import MANIFEST, Dataset, StageContext, output_uri
+from mmflow.config import PipelineConfig
+from mmflow.lease import LEASE, Lease
+from mmflow.plan import FAILED, LATEST, Plan, SelectionError, StageStatus  # noqa: F401
+from mmflow.ray_env import ensure_ray, gcs_actor_liveness  # noqa: F401
+from mmflow.redact import redact_uri
+from mmflow.stage import MANIFEST, Dataset, StageContext
 from mmflow.storage import Storage, join, normalize
-
-FAILED = "_FAILED.json"
-LATEST = "_LATEST.json"
-STATES = ("done", "stale", "missing", "failed")
 
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException, resume: str):
         self.stage, self.cause, self.resume = stage, cause, resume
         super().__init__(f"stage {stage!r} failed: {cause}")
-
-
-class SelectionError(ValueError):
-    """``--only`` / ``--from`` asked for something that cannot run."""
-
-
-def fingerprint(cfg: StageConfig, upstream: dict[str, str]) -> str:
-    """Hash of stage type, code version, params and the fingerprints of the inputs."""
-    payload = {
-        "type": cfg.type,
-        "version": cfg.stage_type.version,
-        "params": cfg.params.model_dump(mode="json"),
-        "inputs": {
-            name: f"{ref.output}@{upstream[ref.stage]}" for name, ref in sorted(cfg.inputs.items())
-        },
-    }
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@dataclass
-class StageStatus:
-    name: str
-    type: str
-    state: str
-    fingerprint: str
-    output: str | None
-    mlflow_run_id: str | None
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = {
-            k: getattr(self, k)
-            for k in ("name", "type", "state", "fingerprint", "output", "mlflow_run_id", "metrics")
-        }
-        if self.error:
-            d["error"] = self.error
-        return d
 
 
 @dataclass
@@ -83,155 +47,26 @@ class RunReport:
     cached: list[str]
 
 
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets it) or start a local one."""
-    import ray
+@dataclass
+class Attempt:
+    """Where one execution of a stage writes: the committed folder itself, or, for a forced
+    re-execution of a committed output, a folder aside that replaces it only at the commit."""
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        # address="local": always a fresh local instance, never a stale `ray start` cluster
-        # recorded in /tmp/ray (set RAY_ADDRESS=auto to join a local `ray start` on purpose).
-        # No dashboard (memory, start-up time), hence no state API: see gcs_actor_liveness.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-            runtime_env={"worker_process_setup_hook": "mmflow.runner.gcs_actor_liveness"},
-        )
+    folder: str  # the stage's fingerprint folder: manifest, lease, failure record
+    base: str  # where outputs and _work go
+    outputs: dict[str, str]
+    work: str
+    replaces: dict[str, Any] | None  # the manifest a forced run replaces
 
 
-def gcs_actor_liveness() -> None:
-    """In each worker of the local, dashboard-less Ray. Ray Train's placement-group cleaner asks
-    the state API (served by the dashboard) once a second whether the training controller is
-    alive; without a dashboard every ask fails, with a warning or a traceback, and the cleaner
-    never cleans. Here it asks the GCS directly, which every Ray has. Should Ray's internals
-    move, the cleaner is left as it was, with its logger muted."""
-    import logging
+class Runner(Plan):
+    """Executes a plan: what is missing or stale (or forced), in DAG order, on Ray."""
 
-    try:
-        import ray._private.state as gcs_state
-        from ray.train.v2._internal.execution.controller import placement_group_cleaner
-
-        def is_actor_alive(actor_id: str, timeout: float | None = None) -> bool:
-            info = gcs_state.actors(actor_id=actor_id)
-            return bool(info) and info.get("State") != "DEAD"
-
-        placement_group_cleaner.is_actor_alive = is_actor_alive
-    except Exception:
-        name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-class Runner:
-    def __init__(self, pipeline: PipelineConfig, storage: Storage | None = None):
-        self.p = pipeline
-        self.storage = storage or Storage()
-        self.root = normalize(pipeline.storage)
-        self.fingerprints: dict[str, str] = {}
-        for name, cfg in pipeline.stages.items():
-            self.fingerprints[name] = fingerprint(cfg, self.fingerprints)
-
-    # ---- where things are -------------------------------------------------
-    def uri(self, stage: str) -> str:
-        return output_uri(self.root, self.p.name, stage, self.fingerprints[stage])
-
-    def manifest(self, stage: str) -> dict[str, Any] | None:
-        return self.storage.read_json_if_exists(join(self.uri(stage), MANIFEST))
-
-    def status(self) -> list[StageStatus]:
-        out = []
-        for name, cfg in self.p.stages.items():
-            fp, uri = self.fingerprints[name], self.uri(name)
-            man = self.manifest(name)
-            if man is not None:
-                out.append(
-                    StageStatus(
-                        name,
-                        cfg.type,
-                        "done",
-                        fp,
-                        uri,
-                        man.get("mlflow_run_id"),
-                        man.get("metrics", {}),
-                    )
-                )
-                continue
-            failed = self.storage.read_json_if_exists(join(uri, FAILED))
-            if failed is not None:
-                out.append(
-                    StageStatus(
-                        name,
-                        cfg.type,
-                        "failed",
-                        fp,
-                        None,
-                        failed.get("mlflow_run_id"),
-                        {},
-                        failed.get("error"),
-                    )
-                )
-                continue
-            latest = self.storage.read_json_if_exists(join(self.root, self.p.name, name, LATEST))
-            old = latest and self.storage.read_json_if_exists(join(latest["output"], MANIFEST))
-            if old:
-                out.append(
-                    StageStatus(
-                        name,
-                        cfg.type,
-                        "stale",
-                        fp,
-                        latest["output"],
-                        old.get("mlflow_run_id"),
-                        old.get("metrics", {}),
-                    )
-                )
-            else:
-                out.append(StageStatus(name, cfg.type, "missing", fp, None, None))
-        return out
-
-    # ---- what to run --------------------------------------------------------
-    def select(self, only: list[str] | None = None, from_stage: str | None = None) -> list[str]:
-        names = list(self.p.stages)
-        for n in [*(only or []), *([from_stage] if from_stage else [])]:
-            if n not in self.p.stages:
-                raise SelectionError(f"{self.p.path}: no stage {n!r} (stages: {', '.join(names)})")
-        if only:
-            chosen = [n for n in names if n in only]
-        elif from_stage:
-            chosen = [from_stage]
-            for n in names:  # DAG order: a stage follows all of its inputs
-                if (
-                    any(r.stage in chosen for r in self.p.stages[n].inputs.values())
-                    and n not in chosen
-                ):
-                    chosen.append(n)
-            chosen = [n for n in names if n in chosen]
-        else:
-            return names
-        for n in chosen:
-            for ref in self.p.stages[n].inputs.values():
-                if ref.stage not in chosen and self.manifest(ref.stage) is None:
-                    raise SelectionError(
-                        f"stage {n!r} needs the output of {ref.stage!r}, which has no committed output "
-                        f"for fingerprint {self.fingerprints[ref.stage]}; run it first "
-                        f"(mmflow run {self.p.path} --only {ref.stage}) or drop --only/--from"
-                    )
-        return chosen
-
-    def resume_command(self, only: list[str] | None, from_stage: str | None) -> str:
-        args = ["mmflow", "run", self.p.path]
-        if only:
-            args += ["--only", ",".join(only)]
-        if from_stage:
-            args += ["--from", from_stage]
-        for s in self.p.overrides:
-            args += ["--set", s]
-        args += ["--storage", self.p.storage, "--tracking-uri", self.p.tracking_uri]
-        return shlex.join(args)
+    def __init__(
+        self, pipeline: PipelineConfig, storage: Storage | None = None, wait_for_lease: bool = True
+    ):
+        super().__init__(pipeline, storage)
+        self.wait_for_lease = wait_for_lease
 
     # ---- running --------------------------------------------------------------
     def run(
@@ -245,31 +80,24 @@ class Runner:
 
         chosen = self.select(only, from_stage)
         tracker = Tracker(self.p.tracking_uri, self.p.name)
-        parent = tracker.start_parent(
-            command or shlex.join(sys.argv),
-            flatten(
-                "",
-                {
-                    "pipeline_file": self.p.path,
-                    "storage": self.root,
-                    "overrides": self.p.overrides,
-                    "stages": {n: self.fingerprints[n] for n in chosen},
-                },
-                {},
-            ),
-        )
+        params = {
+            "pipeline_file": self.p.path,
+            "storage": redact_uri(self.root),
+            "overrides": self.p.overrides,
+            "stages": {n: self.fingerprints[n] for n in chosen},
+        }
+        parent = tracker.start_parent(command or shlex.join(sys.argv), flatten("", params, {}))
         report = RunReport(parent, [], [])
         try:
             for name in chosen:
-                man = self.manifest(name)
-                if man is not None and not force:
-                    print(f"[mmflow] {name}: cached ({self.fingerprints[name]})", flush=True)
-                    tracker.record_cache_hit(name, man.get("mlflow_run_id"))
+                if not force and self._cached(name, tracker):
                     report.cached.append(name)
                     continue
                 ensure_ray()
-                self._execute(name, tracker)
-                report.executed.append(name)
+                if self._execute(name, tracker, force):
+                    report.executed.append(name)
+                else:  # another run committed it while this one waited for the lease
+                    report.cached.append(name)
         except StageFailed as e:
             tracker.end(parent, "FAILED")
             e.resume = self.resume_command(only, from_stage)
@@ -280,110 +108,174 @@ class Runner:
         tracker.end(parent)
         return report
 
-    def _execute(self, name: str, tracker) -> None:
-        from mmflow import tracking
-        from mmflow.tracking import flatten
+    def _cached(self, name: str, tracker) -> bool:
+        man = self.manifest(name)
+        if man is None:
+            return False
+        print(f"[mmflow] {name}: cached ({self.fingerprints[name]})", flush=True)
+        tracker.record_cache_hit(name, man.get("mlflow_run_id"))
+        return True
 
-        cfg, fp, uri, st = (
-            self.p.stages[name],
-            self.fingerprints[name],
-            self.uri(name),
-            self.storage,
+    def _execute(self, name: str, tracker, force: bool) -> bool:
+        """One stage, start to commit; False when another writer committed it meanwhile."""
+        folder = self.uri(name)
+        self.storage.makedirs(folder)
+        with Lease(self.storage, join(folder, LEASE), f"stage {name!r}", wait=self.wait_for_lease):
+            committed = self.manifest(name)
+            if committed is not None and not force:
+                return self._cached(name, tracker)
+            attempt = self._prepare(name, committed)
+            inputs = self._inputs(name)
+            run_id = self._start_tracking(name, attempt, inputs, tracker)
+            ctx = self._context(name, attempt, inputs, run_id)
+            duration = self._run_stage(name, ctx, attempt, run_id, tracker)
+            self._commit(name, ctx, attempt, inputs, run_id, duration)
+            self._clean_after_commit(attempt)
+            self._log_commit(ctx, run_id, duration, tracker)
+        print(f"[mmflow] {name}: committed in {duration:.1f}s", flush=True)
+        return True
+
+    def _prepare(self, name: str, committed: dict[str, Any] | None) -> Attempt:
+        """The attempt's folders, with the failure record gone and leftovers handled: a
+        resumable stage keeps what an interrupted attempt finished; any other starts empty."""
+        cfg, folder, st = self.p.stages[name], self.uri(name), self.storage
+        st.delete(join(folder, FAILED))
+        if committed is not None:  # forced: build aside, the committed output stays intact
+            base = join(folder, "_attempts", uuid.uuid4().hex[:12])
+            self._remove_attempts(folder, keep=_bases(committed))
+        else:
+            base = folder
+            self._remove_attempts(folder, keep=set())
+        attempt = Attempt(
+            folder,
+            base,
+            {o: join(base, o) for o in cfg.stage_type.outputs},
+            join(base, "_work"),
+            committed,
         )
-        st.makedirs(uri)
-        st.delete(join(uri, FAILED))
-        leftovers = st.remove_temporaries(uri)
+        removed = st.remove_temporaries(base)
+        if not cfg.stage_type.resumable:
+            for uri in [*attempt.outputs.values(), attempt.work]:
+                removed += len([f for f in st.ls(uri, recursive=True) if not f.is_dir])
+                st.delete(uri)
+        print(
+            f"[mmflow] {name}: running {cfg.type} -> {base}"
+            + (f" (removed {removed} files of an earlier attempt)" if removed else ""),
+            flush=True,
+        )
+        return attempt
+
+    def _remove_attempts(self, folder: str, keep: set[str]) -> None:
+        for entry in self.storage.ls(join(folder, "_attempts")):
+            if entry.is_dir and normalize(entry.uri) not in keep:
+                self.storage.delete(entry.uri)
+
+    def _inputs(self, name: str) -> dict[str, Dataset]:
         inputs = {}
-        for iname, ref in cfg.inputs.items():
+        for iname, ref in self.p.stages[name].inputs.items():
             man = self.manifest(ref.stage)
             if man is None:
-                raise StageFailed(
-                    name,
-                    RuntimeError(f"input {iname!r}: {ref.stage!r} has no committed output"),
-                    "",
-                )
+                cause = RuntimeError(f"input {iname!r}: {ref.stage!r} has no committed output")
+                raise StageFailed(name, cause, "")
+            out = man["outputs"][ref.output]
             inputs[iname] = Dataset(
-                ref.stage,
-                ref.output,
-                man["outputs"][ref.output]["kind"],
-                man["outputs"][ref.output]["uri"],
-                man["fingerprint"],
-                man,
+                ref.stage, ref.output, out["kind"], out["uri"], man["fingerprint"], man
             )
-        run_id = tracker.start_stage(name, cfg.type, fp, uri)
-        tracker.log_params(
-            run_id,
-            flatten(
-                "",
-                {
-                    "params": cfg.params.model_dump(mode="json"),
-                    "resources": cfg.resources.model_dump(),
-                    "fingerprint": fp,
-                    "code_version": cfg.stage_type.version,
-                    "output_uri": uri,
-                    "inputs": {k: v.uri for k, v in inputs.items()},
-                },
-                {},
-            ),
-        )
+        return inputs
+
+    def _start_tracking(
+        self, name: str, attempt: Attempt, inputs: dict[str, Dataset], tracker
+    ) -> str | None:
+        from mmflow.tracking import flatten
+
+        cfg, fp = self.p.stages[name], self.fingerprints[name]
+        run_id = tracker.start_stage(name, cfg.type, fp, attempt.base)
+        params = {
+            "params": cfg.params.model_dump(mode="json"),
+            "resources": cfg.resources.model_dump(),
+            "fingerprint": fp,
+            "code_version": cfg.stage_type.version,
+            "output_uri": redact_uri(attempt.base),
+            "inputs": {k: redact_uri(v.uri) for k, v in inputs.items()},
+        }
+        tracker.log_params(run_id, flatten("", params, {}))
         tracker.log_inputs(run_id, {k: (v.uri, v.fingerprint) for k, v in inputs.items()})
-        turi = self.p.tracking_uri
-        ctx = StageContext(
+        return run_id
+
+    def _context(
+        self, name: str, attempt: Attempt, inputs: dict[str, Dataset], run_id: str | None
+    ) -> StageContext:
+        from mmflow import tracking
+
+        cfg, turi = self.p.stages[name], self.p.tracking_uri
+        return StageContext(
             pipeline=self.p.name,
             stage=name,
             params=cfg.params,
             resources=cfg.resources,
             inputs=inputs,
-            outputs={o: join(uri, o) for o in cfg.stage_type.outputs},
-            work_uri=join(uri, "_work"),
-            storage=st,
+            outputs=dict(attempt.outputs),
+            work_uri=attempt.work,
+            storage=self.storage,
             tracking_uri=turi,
             run_id=run_id,
             _log_metrics=lambda m, step: tracking.log_metrics(turi, run_id, m, step),
             _log_image=lambda img, n: tracking.log_image(turi, run_id, img, n),
             _log_artifact=lambda path, ap: tracking.log_artifact(turi, run_id, path, ap),
         )
-        print(
-            f"[mmflow] {name}: running {cfg.type} -> {uri}"
-            + (f" (removed {leftovers} partial files of an earlier attempt)" if leftovers else ""),
-            flush=True,
-        )
+
+    def _run_stage(
+        self, name: str, ctx: StageContext, attempt: Attempt, run_id: str | None, tracker
+    ) -> float:
+        """``Stage.run``; a failure leaves ``_FAILED.json`` (never beside a new manifest: the
+        commit has not happened) and ends the MLflow run as FAILED or KILLED."""
         t0 = time.time()
         try:
-            cfg.stage_type().run(ctx)
-            missing = [o for o, ouri in ctx.outputs.items() if not st.exists(ouri)]
+            self.p.stages[name].stage_type().run(ctx)
+            missing = [o for o, uri in ctx.outputs.items() if not self.storage.exists(uri)]
             if missing:
-                raise RuntimeError(f"stage wrote no output {', '.join(missing)} under {uri}")
+                raise RuntimeError(
+                    f"stage wrote no output {', '.join(missing)} under {attempt.base}"
+                )
         except BaseException as e:
-            st.write_json(
-                join(uri, FAILED),
-                {
-                    "error": f"{type(e).__name__}: {e}",
-                    "mlflow_run_id": run_id,
-                    "traceback": traceback.format_exc(),
-                    "time": time.time(),
-                },
-            )
+            record = {
+                "error": f"{type(e).__name__}: {e}",
+                "mlflow_run_id": run_id,
+                "traceback": traceback.format_exc(),
+                "time": time.time(),
+            }
+            if attempt.replaces is None:  # a forced attempt's failure leaves the commit as it was
+                self.storage.write_json(join(attempt.folder, FAILED), record)
             tracker.end(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
             if isinstance(e, Exception):
                 raise StageFailed(name, e, "") from e
             raise
-        duration = time.time() - t0
-        st.delete(ctx.work_uri)
-        st.remove_temporaries(uri)
+        return time.time() - t0
+
+    def _commit(
+        self,
+        name: str,
+        ctx: StageContext,
+        attempt: Attempt,
+        inputs: dict[str, Dataset],
+        run_id: str | None,
+        duration: float,
+    ) -> None:
+        """The manifest, written last and atomically: from here on the output is done."""
+        cfg, fp, st = self.p.stages[name], self.fingerprints[name], self.storage
+        st.remove_temporaries(attempt.base)
+        kinds = cfg.stage_type.outputs
         outputs = {
-            o: {"kind": cfg.stage_type.outputs[o], "uri": ouri, **ctx.output_info.get(o, {})}
-            for o, ouri in ctx.outputs.items()
+            o: {"kind": kinds[o], "uri": uri, **ctx.output_info.get(o, {})}
+            for o, uri in ctx.outputs.items()
         }
-        counts = {
-            f"{o}.{k}": v
-            for o, info in ctx.output_info.items()
-            for k, v in info.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
+        ctx.metrics.update({"duration_s": duration, **_counts(ctx.output_info)})
+        upstream = {
+            k: {"stage": v.stage, "output": v.output, "uri": v.uri, "fingerprint": v.fingerprint}
+            for k, v in inputs.items()
         }
-        ctx.log_metrics({"duration_s": duration, **counts})
         st.write_json(
-            join(uri, MANIFEST),
+            join(attempt.folder, MANIFEST),
             {
                 "pipeline": self.p.name,
                 "stage": name,
@@ -391,15 +283,7 @@ class Runner:
                 "fingerprint": fp,
                 "code_version": cfg.stage_type.version,
                 "params": cfg.params.model_dump(mode="json"),
-                "inputs": {
-                    k: {
-                        "stage": v.stage,
-                        "output": v.output,
-                        "uri": v.uri,
-                        "fingerprint": v.fingerprint,
-                    }
-                    for k, v in inputs.items()
-                },
+                "inputs": upstream,
                 "outputs": outputs,
                 "metrics": ctx.metrics,
                 "mlflow_run_id": run_id,
@@ -407,8 +291,48 @@ class Runner:
                 "committed_at": time.time(),
             },
         )
-        st.write_json(
-            join(self.root, self.p.name, name, LATEST), {"fingerprint": fp, "output": uri}
-        )
-        tracker.end(run_id)
-        print(f"[mmflow] {name}: committed in {duration:.1f}s", flush=True)
+        latest = join(self.root, self.p.name, name, LATEST)
+        st.write_json(latest, {"fingerprint": fp, "output": attempt.folder})
+
+    def _clean_after_commit(self, attempt: Attempt) -> None:
+        """Scratch, and the outputs a forced run replaced, go only after the commit: a kill
+        before it loses nothing, a kill after it leaves only garbage the next attempt removes."""
+        st = self.storage
+        st.delete(attempt.work)
+        if attempt.replaces is None:
+            return
+        for old in attempt.replaces["outputs"].values():
+            if normalize(old["uri"]) not in {normalize(u) for u in attempt.outputs.values()}:
+                st.delete(old["uri"])
+        self._remove_attempts(attempt.folder, keep={normalize(attempt.base)})
+
+    def _log_commit(self, ctx: StageContext, run_id: str | None, duration: float, tracker) -> None:
+        """Duration and output counts to MLflow, after the commit: an MLflow outage here costs
+        the metrics, never the output."""
+        from mmflow import tracking
+
+        try:
+            counts = _counts(ctx.output_info)
+            tracking.log_metrics(self.p.tracking_uri, run_id, {"duration_s": duration, **counts})
+            tracker.end(run_id)
+        except Exception as e:
+            print(f"[mmflow] {ctx.stage}: warning: committed, but MLflow failed: {e}", flush=True)
+
+
+def _bases(manifest: dict[str, Any]) -> set[str]:
+    """The attempt folders a manifest's outputs live in (forced re-executions)."""
+    out = set()
+    for info in manifest.get("outputs", {}).values():
+        uri = normalize(info["uri"])
+        if "/_attempts/" in uri:
+            out.add(uri.rsplit("/", 1)[0])
+    return out
+
+
+def _counts(output_info: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {
+        f"{o}.{k}": v
+        for o, info in output_info.items()
+        for k, v in info.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }

@@ -1,6 +1,7 @@
-"""The stage contract and the stage-type registry.
+"""The stage contract.
 
-A stage type is a class registered once with ``@register``. It declares:
+A stage type is a class (checked by ``@register``; found by name through the
+``mmflow.stages`` entry points, see :mod:`mmflow.plugins`). It declares:
 
 - ``Params``: a pydantic model (unknown keys rejected, types checked at load);
 - ``inputs`` / ``outputs``: name -> kind (``shards``, ``table``, ``model`` ...);
@@ -14,7 +15,6 @@ fingerprint, the commit, MLflow) is the runner's, reached through ``ctx``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -108,6 +108,10 @@ class Stage:
     optional_inputs: ClassVar[frozenset[str]] = frozenset()  # inputs a pipeline may leave unwired
     outputs: ClassVar[dict[str, str]] = {}
     resources: ClassVar[Resources] = Resources()
+    # True: what an interrupted attempt left in the outputs and ``_work`` is kept for the next
+    # attempt, which resumes from it (finished shards, checkpoints). False: the runner empties
+    # them before every attempt, so nothing half-done mixes into the new output.
+    resumable: ClassVar[bool] = False
 
     @classmethod
     def check_wiring(cls, params: Params, wired: set[str]) -> list[tuple[str, str]]:
@@ -119,45 +123,31 @@ class Stage:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Stage]] = {}
+def check_stage_type(cls: type[Stage]) -> list[str]:
+    """What is wrong with a stage type's declaration (empty when nothing is)."""
+    name = getattr(cls, "type", None) or cls.__name__
+    problems = [
+        f"stage type {name!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})"
+        for kind in [*cls.inputs.values(), *cls.outputs.values()]
+        if kind not in KINDS
+    ]
+    if not cls.optional_inputs <= set(cls.inputs):
+        problems.append(f"stage type {name!r}: optional inputs must be among its inputs")
+    if not getattr(cls, "type", None):
+        problems.append(f"stage class {cls.__qualname__}: no `type` name")
+    return problems
 
 
 def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make a stage type available to pipelines by its ``type`` name."""
-    name = cls.type
-    for kind in [*cls.inputs.values(), *cls.outputs.values()]:
-        if kind not in KINDS:
-            raise ValueError(
-                f"stage type {name!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})"
-            )
-    if not cls.optional_inputs <= set(cls.inputs):
-        raise ValueError(f"stage type {name!r}: optional inputs must be among its inputs")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"stage type {name!r} registered twice")
-    _REGISTRY[name] = cls
+    """Class decorator: check a stage type's declaration when its module is imported.
+
+    Registration by name is not done here: stage types are found through the
+    ``mmflow.stages`` entry points (or ``package.module:Class`` in YAML), see
+    :mod:`mmflow.plugins`, so importing this contract imports no stage."""
+    problems = check_stage_type(cls)
+    if problems:
+        raise ValueError("; ".join(problems))
     return cls
-
-
-def stage_types() -> dict[str, type[Stage]]:
-    import mmflow.stages  # noqa: F401  (registers the built-in stages)
-
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_stage_type(name: str) -> type[Stage] | None:
-    """A built-in stage by name, or a user's stage given as ``package.module:ClassName``."""
-    types = stage_types()
-    if name in types:
-        return types[name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            return None
-        if isinstance(cls, type) and issubclass(cls, Stage):
-            return cls
-    return None
 
 
 def output_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str) -> str:

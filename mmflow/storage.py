@@ -7,9 +7,11 @@ come from the usual AWS environment (``AWS_ENDPOINT_URL`` for S3-compatible
 servers such as MinIO or moto).
 
 Writes that must never be seen half-done go through ``write_atomic`` /
-``open_atomic``: on a local disk the bytes land in a hidden temporary file and
-are renamed into place; on S3 an object only appears when its upload
-completes, so the final key is written directly.
+``open_atomic``: the bytes land in a hidden temporary file (a ``._tmp-*`` key on
+S3) that is renamed (on S3: copied server-side) into place only when the block
+succeeds. On S3 the final key is never streamed to directly: pyarrow's output
+stream has no abort, and a stream that is collected completes its multipart
+upload, so a failed write to the final key would publish a partial object.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from typing import IO, Any
 import pyarrow.fs as pafs
 
 TMP_PREFIX = "._tmp-"
+# The largest object S3 copies in one request (CopyObject); above it the temporary object is
+# streamed into place instead.
+S3_COPY_LIMIT = 5 << 30
 
 
 def is_remote(uri: str) -> bool:
@@ -73,6 +78,34 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return _s3(endpoint, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")), rest
 
 
+def _open_atomic_remote(fs: pafs.FileSystem, path: str) -> Iterator[IO[bytes]]:
+    """Write to a ``._tmp-*`` key beside ``path``; copy it to ``path`` only on success.
+
+    pyarrow's output stream cannot abort its multipart upload (no ``abort``; it completes the
+    upload when closed or collected), so whatever happens to the stream, only the temporary key
+    may ever hold a partial object; it is deleted on failure, and ``remove_temporaries`` deletes
+    one left by a killed process. A SIGKILL before close leaves only an unfinished multipart
+    upload, which is never visible as an object.
+    """
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+    stream = fs.open_output_stream(tmp)
+    try:
+        yield stream
+        size = stream.tell()
+        stream.close()
+        if size <= S3_COPY_LIMIT:
+            fs.copy_file(tmp, path)
+        else:
+            with fs.open_input_stream(tmp) as src, fs.open_output_stream(path) as dst:
+                shutil.copyfileobj(src, dst, length=8 << 20)
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()  # completes the temporary object, deleted next
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+
+
 @dataclass(frozen=True)
 class FileInfo:
     uri: str
@@ -106,14 +139,16 @@ class Storage:
         base = normalize(uri)
         out = []
         for info in infos:
-            rel = (
-                posixpath.relpath(info.path, path)
-                if is_remote(base)
-                else os.path.relpath(info.path, path)
-            )
+            if is_remote(base):
+                # The key as stored, not normalized: ``a/../b`` is a key of its own on S3.
+                rel = info.path[len(path.rstrip("/")) + 1 :]
+                full = f"{base.partition('://')[0]}://{info.path}"
+            else:
+                rel = os.path.relpath(info.path, path)
+                full = join(base, rel)
             out.append(
                 FileInfo(
-                    uri=join(base, rel),
+                    uri=full,
                     name=rel,
                     size=info.size or 0,
                     is_dir=info.type == pafs.FileType.Directory,
@@ -151,16 +186,7 @@ class Storage:
         uri = normalize(uri)
         fs, path = filesystem(uri)
         if is_remote(uri):
-            # An S3 object is visible only once its upload completes; on error the
-            # multipart upload is aborted by closing without finishing it.
-            stream = fs.open_output_stream(path)
-            try:
-                yield stream
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    stream.abort()
-                raise
-            stream.close()
+            yield from _open_atomic_remote(fs, path)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(
@@ -195,10 +221,21 @@ class Storage:
                 self.upload_file(src, join(uri, *rel.split(os.sep)))
 
     def download_dir(self, uri: str, local_dir: str) -> None:
+        """Copy a remote folder into ``local_dir``; refuses (``ValueError``, before writing
+        anything) remote names that would land outside it (``..`` segments, absolute names)."""
+        root = os.path.realpath(local_dir)
+        files = []
         for info in self.ls(uri, recursive=True):
             if info.is_dir:
                 continue
-            dst = os.path.join(local_dir, *info.name.split("/"))
+            dst = os.path.realpath(os.path.join(root, *info.name.split("/")))
+            if not info.name or os.path.commonpath([root, dst]) != root or dst == root:
+                raise ValueError(
+                    f"download_dir({uri!r}): remote name {info.name!r} would land outside "
+                    f"{local_dir!r}; refused"
+                )
+            files.append((info, dst))
+        for info, dst in files:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             fs, path = filesystem(info.uri)
             with fs.open_input_stream(path) as src, open(dst, "wb") as out:

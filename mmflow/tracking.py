@@ -11,6 +11,10 @@
 Only the driver and rank 0 of a training job write here; they talk to the store
 through ``MlflowClient`` with explicit run ids, so any process can log to the
 stage's run given ``(tracking_uri, run_id)``.
+
+Every tag and param value passes through ``redact_uri`` on its way in, so a URI with a
+password or a signed query (``postgresql://u:pw@db``, ``?X-Amz-Signature=``) is stored with
+those parts masked: anyone who can read the tracking server sees no credentials.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 import warnings
 from typing import Any
 
+from mmflow.redact import redact_uri
 from mmflow.storage import is_remote
 
 log = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"{self.pipeline}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={TAG_PIPELINE: self.pipeline, TAG_COMMAND: command},
+            tags={TAG_PIPELINE: self.pipeline, TAG_COMMAND: redact_uri(command)},
         )
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
@@ -80,7 +85,7 @@ class Tracker:
             TAG_STAGE: stage,
             TAG_STAGE_TYPE: stage_type,
             TAG_FINGERPRINT: fingerprint,
-            TAG_OUTPUT: output,
+            TAG_OUTPUT: redact_uri(output),
         }
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
@@ -96,7 +101,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(k, redact_uri(v) if isinstance(v, str) else v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=items[i : i + 100])
 
@@ -109,6 +114,7 @@ class Tracker:
 
             datasets = []
             for name, (uri, fingerprint) in inputs.items():
+                uri = redact_uri(uri)
                 with warnings.catch_warnings():  # local paths match two equivalent source types
                     warnings.simplefilter("ignore", UserWarning)
                     source = resolve_dataset_source(uri if is_remote(uri) else os.path.abspath(uri))
@@ -121,7 +127,7 @@ class Tracker:
             if datasets:
                 self.client.log_inputs(run_id, datasets=datasets)
         except Exception as e:  # dataset lineage is a nicety; never fail a stage over it
-            log.warning("could not log input datasets to MLflow: %s", e)
+            log.warning("could not log input datasets to MLflow: %s", redact_uri(str(e)))
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

@@ -35,9 +35,9 @@ class TrainedVqgan(Stage):
 
         import torch
 
+        from mmflow.export.mlflow import publish_model
         from mmflow.models.vqgan import VQGAN, Preprocess, VQGANConfig, from_uint8, save_vqgan
         from mmflow.models.vqgan_losses import VQGANLossConfig, VQGANTraining
-        from mmflow.models.vqgan_mlflow import log_and_register
 
         cfg = VQGANConfig(image_size=16, channels=16, channel_mult=(1, 2), z_channels=32,
                           codebook_size=64, codebook_dim=4)  # fmt: skip
@@ -64,7 +64,8 @@ class TrainedVqgan(Stage):
         with tempfile.TemporaryDirectory() as tmp:
             save_vqgan(model.vqgan.eval(), tmp, "test-decode", steps=STEPS)
             ctx.storage.upload_dir(tmp, ctx.outputs["model"])
-        ctx.record_output("model", **log_and_register(ctx, ctx.outputs["model"], "dec-vq"))
+        published = publish_model(ctx.outputs["model"], ctx.tracking_uri, ctx.run_id, "dec-vq")
+        ctx.record_output("model", **published)
 
 
 STEPS = 400
@@ -129,7 +130,7 @@ def test_cli_finds_the_table_from_the_pipeline_yaml(table, tmp_path):
     pngs = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "out" / "0*.png")))
     assert pngs == [f"{row:06d}_{keys[row]}.png" for row in (2, 3, 4)]
     r = run_cli("decode", table.yaml_path, "--stage", "vq", "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "no Parquet files" in r.stderr  # vq is a model, not a table
+    assert r.returncode == 2 and "has no `tokens` output" in r.stderr  # vq is a model, not a table
 
 
 def test_keys_pick_the_same_rows_as_row_numbers(table):

@@ -90,3 +90,30 @@ def test_runs_params_metrics_and_pictures_reach_the_server(
     assert (
         client.get_run(report2.parent_run_id).data.tags["mmflow.cached.synth"] == child.info.run_id
     )
+
+
+def test_uris_with_credentials_are_redacted_in_tags_and_params(tmp_path):
+    """A password or a signed query in a command, output or param never reaches MLflow."""
+    from mmflow.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracker = Tracker(uri, "redact")
+    parent = tracker.start_parent(
+        "mmflow run p.yaml --tracking-uri postgresql://me:hunter2@db/mlflow",
+        {"overrides": "a.params.url=https://h/list.txt?token=tok123"},
+    )
+    child = tracker.start_stage("s", "toy", "f" * 16, "http://me:hunter2@store/out")
+    tracker.log_params(
+        child,
+        {"output_uri": "s3://b/k?X-Amz-Signature=sig456", "inputs.a": "http://me:hunter2@h/x"},
+    )
+    tracker.log_inputs(child, {"a": ("http://me:hunter2@h/x", "0" * 16)})
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    stored = []
+    for run_id in (parent, child):
+        run = client.get_run(run_id)
+        stored += [*run.data.tags.values(), *run.data.params.values()]
+        stored += [d.dataset.source for d in run.inputs.dataset_inputs]
+    text = "\n".join(stored)
+    assert "hunter2" not in text and "tok123" not in text and "sig456" not in text, text
+    assert "postgresql://me:***@db/mlflow" in text and "http://me:***@store/out" in text

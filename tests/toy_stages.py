@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from mmflow.data.shards import map_shards, stats_uri
 from mmflow.stage import Params, Resources, Stage, StageContext, register
@@ -28,6 +29,7 @@ class ToyNumbers(Stage):
     Params = NumbersParams
     outputs = {"numbers": "table"}
     resources = Resources(cpus=1, workers=0)
+    resumable = True
 
     def run(self, ctx: StageContext) -> None:
         folder = ctx.outputs["numbers"]
@@ -74,6 +76,9 @@ class ToySum(Stage):
             * ctx.params.scale
         )
         ctx.storage.write_atomic(
-            join(ctx.outputs["total"], "total.json"), json.dumps({"total": total}).encode()
+            join(ctx.outputs["total"], "total.json"),
+            json.dumps({"total": total, "written_at": time.time()}).encode(),
         )
+        # a kill point for tests: the output is written, the commit not yet made
+        time.sleep(float(os.environ.get("MMFLOW_TOY_SUM_SLEEP", "0")))
         ctx.log_metrics({"total": total})

@@ -10,6 +10,16 @@ Failures are :class:`FetchError` with a short ``kind`` (``http_404``, ``timeout`
 ``redirect_loop``, ``opt_out`` ...) that names the cause for metrics, and a message for people.
 Transient kinds (timeouts, dropped connections, 429 and 5xx) are retried with exponential
 backoff and jitter; the others fail at once. Idle keep-alive connections are reused per thread.
+Messages never quote what a server sent beyond its status line (no body bytes, no garbled
+status line): a URL list is untrusted, and error messages go to Parquet, MLflow and logs.
+
+With ``refuse_private_addresses`` (on for ``ingest_urls``), every hop's host is resolved first
+and refused (``private_address``) when any of its addresses is not globally routable: loopback,
+private, link-local (cloud metadata at 169.254.169.254), carrier-grade NAT (100.64/10, where
+some clouds put theirs), unique-local IPv6 (fd00:ec2::254), multicast, reserved, unspecified (an
+IPv4-mapped IPv6 address is judged as its IPv4 address). The connection then goes to the address that was checked, not to a second lookup
+(which a rebinding DNS server could answer differently). ``allow_networks`` exempts CIDRs. Behind
+a proxy the target is resolved here too (best effort: the proxy resolves it again).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import http.client
+import ipaddress
 import itertools
 import random
 import socket
@@ -61,6 +72,8 @@ class FetchOptions:
     max_redirects: int = 5
     disallowed_directives: tuple[str, ...] = DISALLOWED_DIRECTIVES  # empty: ignore X-Robots-Tag
     verify_tls: bool = True
+    refuse_private_addresses: bool = False  # see the module doc; on for web lists
+    allow_networks: tuple[str, ...] = ()  # CIDRs exempt from the refusal
 
 
 @dataclass
@@ -287,6 +300,7 @@ class Fetcher:
     # ---- connections ----------------------------------------------------------------------------
     def _connect(self, scheme, host, port, proxy, deadline) -> http.client.HTTPConnection:
         timeout = max(deadline - time.monotonic(), 0.01)
+        checked = self._checked_address(host, port) if self.opts.refuse_private_addresses else None
         if proxy:
             p = urlsplit(proxy)
             if scheme == "https":  # CONNECT tunnel through the proxy
@@ -297,8 +311,28 @@ class Fetcher:
                 return conn
             return http.client.HTTPConnection(p.hostname, p.port or 80, timeout=timeout)
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
-        return http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        if checked is not None:  # connect to the address checked; TLS and Host still name `host`
+            conn._create_connection = lambda _addr, *a: socket.create_connection(checked, *a)
+        return conn
+
+    def _checked_address(self, host: str, port: int) -> tuple:
+        """The (ip, port) to connect to, every address of ``host`` having been checked."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise self._connect_error(e) from None
+        allowed = [ipaddress.ip_network(n, strict=False) for n in self.opts.allow_networks]
+        for info in infos:
+            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            why = _not_public(ip)
+            if why and not any(ip in net for net in allowed):
+                raise FetchError(
+                    "private_address", f"the host resolves to a non-public address ({why})"
+                )
+        return infos[0][4][:2]
 
     def _open(self, conn: http.client.HTTPConnection, deadline: float) -> None:
         """Connect (DNS, TCP, TLS) within what is left of the deadline."""
@@ -364,6 +398,21 @@ def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+def _not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What kind of non-public address ``ip`` is; None for a globally routable one."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        return _not_public(mapped) or None
+    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if ip.is_global else "non-global"
+
+
 def _describe(e: BaseException) -> str:
+    """An exception for a message. http.client's parse errors (``BadStatusLine``, ``LineTooLong``
+    ...) carry what the server sent: only their type is kept."""
+    if isinstance(e, http.client.HTTPException) and not isinstance(e, http.client.InvalidURL):
+        return type(e).__name__
     text = str(e) or type(e).__name__
     return f"{type(e).__name__}: {text}"[:300]

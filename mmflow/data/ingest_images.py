@@ -19,6 +19,7 @@ Failures raise :class:`ImageError` with a ``kind`` for the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from PIL import ExifTags, Image, ImageOps
+
+from mmflow.data.ingest_pool import PixelBudget
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 Image.init()
@@ -80,7 +83,9 @@ class StoredImage:
     exif: str | None  # JSON of the EXIF tags, img2dataset's ``exif`` column
 
 
-def process_image(data: bytes, o: ImageOptions) -> StoredImage:
+def process_image(data: bytes, o: ImageOptions, budget: PixelBudget | None = None) -> StoredImage:
+    """``data`` -> the stored image; with ``budget``, its decoded pixels are held from it while
+    it is decoded, resized and encoded (see ``ingest_pool.PixelBudget``)."""
     img = _open(data, o)
     orientation = _orientation(img)
     w, h = img.size if orientation < 5 else img.size[::-1]  # 5-8 swap the axes
@@ -97,12 +102,13 @@ def process_image(data: bytes, o: ImageOptions) -> StoredImage:
         tw, th = target if orientation < 5 else target[::-1]
         img.draft(None, (tw, th))  # decode at the smallest DCT scale not below the target
     exif = _exif_json(img) if o.extract_exif else None
-    _decode(img)
-    if keep:
-        return StoredImage(data, KEEPABLE[img.format], w, h, w, h, exif)
-    img = _to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
-    img = _resize(img, target, crop, o)
-    return StoredImage(_encode(img, o), o.encode_format, *img.size, w, h, exif)
+    with budget.hold(img.size[0] * img.size[1]) if budget else contextlib.nullcontext():
+        _decode(img)  # the size after draft: what is decoded
+        if keep:
+            return StoredImage(data, KEEPABLE[img.format], w, h, w, h, exif)
+        img = _to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
+        img = _resize(img, target, crop, o)
+        return StoredImage(_encode(img, o), o.encode_format, *img.size, w, h, exif)
 
 
 def check_image(data: bytes, max_pixels: int = ImageOptions.max_pixels) -> tuple[int, int]:
@@ -118,6 +124,12 @@ def check_image(data: bytes, max_pixels: int = ImageOptions.max_pixels) -> tuple
     return size
 
 
+def open_image(data: bytes, max_pixels: int = ImageOptions.max_pixels) -> Image.Image:
+    """The header only, with ingest's checks: web formats (never EPS & co), at most
+    ``max_pixels`` pixels; raises :class:`ImageError`. Decoding is left to the caller."""
+    return _open(data, ImageOptions(max_pixels=max_pixels))
+
+
 def _open(data: bytes, o: ImageOptions) -> Image.Image:
     if not data:
         raise ImageError("not_image", "empty body")
@@ -128,9 +140,8 @@ def _open(data: bytes, o: ImageOptions) -> Image.Image:
     except Image.UnidentifiedImageError:
         head = data[:64].lstrip().lower()
         what = "HTML" if head.startswith((b"<!doctype html", b"<html")) else "unknown"
-        raise ImageError(
-            "not_image", f"{what} content, not a supported image ({data[:16]!r})"
-        ) from None
+        # never the bytes themselves: a body is untrusted, and messages go to Parquet and MLflow
+        raise ImageError("not_image", f"{what} content, not a supported image") from None
     except (OSError, SyntaxError, ValueError) as e:  # a broken header
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}"[:200]) from None
     if img.size[0] * img.size[1] > o.max_pixels:

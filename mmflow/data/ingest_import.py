@@ -14,12 +14,13 @@ from typing import Any
 from mmflow.data.ingest_images import ImageError, check_image
 from mmflow.data.ingest_tar import SampleTarWriter
 from mmflow.data.shards import ShardWriter, extra_columns, index_rows
-from mmflow.data.webdataset_io import Sample, iter_shard
+from mmflow.data.webdataset_io import DEFAULT_MAX_MEMBER_BYTES, Sample, iter_shard
 from mmflow.storage import Storage
 
 FAILED = "failed_to_import"
 INT_COLUMNS = ("width", "height", "original_width", "original_height")
 LISTED_BAD_KEYS = 100  # per kind and shard, and in the manifest
+CUT_KINDS = ("corrupt_tar", "compression_bomb")  # errors that end a source shard early
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ImportJob:
     check_images: bool = True
     require_caption: bool = True
     max_pixels: int = 89_478_485
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
 
 def import_shard(shard: int, job: ImportJob) -> dict[str, Any]:
@@ -42,7 +44,7 @@ def import_shard(shard: int, job: ImportJob) -> dict[str, Any]:
     tally: Counter = Counter()
     with ShardWriter(storage, job.folder, shard, extra, SampleTarWriter) as w:
         names = w.schema.names
-        for s in iter_shard(storage, src):
+        for s in iter_shard(storage, src, max_member_bytes=job.max_member_bytes):
             row = _row(s, index.get(s.key), names)
             problem = _problem(s, seen, job)
             seen.add(s.key)
@@ -72,7 +74,7 @@ def _note(bad: dict[str, list[str]], tally: Counter, kind: str, key: str) -> Non
     """Count a bad sample under its kind; list its key while the list is short."""
     tally[f"bad.{kind}"] += 1
     tally["num_bad"] += 1
-    tally["truncated"] |= kind == "corrupt_tar"
+    tally["truncated"] |= kind in CUT_KINDS
     keys = bad.setdefault(kind, [])
     if len(keys) < LISTED_BAD_KEYS:
         keys.append(key)

@@ -7,6 +7,12 @@ of defence for what they cannot bound (a DNS lookup that hangs, a pathological d
 running longer than ``hard_limit`` seconds is given up, yielded with ``result=None``, and its
 thread is replaced, so one stuck call can neither hold the shard nor shrink the pool. The
 late result of a given-up item is dropped: every item comes out once.
+
+``PixelBudget`` bounds what the threads decode at once: ``max_pixels`` bounds one image, but
+64 threads each decoding a 80-megapixel photo would hold 20 GB. A thread holds an image's
+decoded pixels from the budget while it decodes, resizes and encodes it; when the budget is
+spent the next one waits. An image larger than the whole budget (up to ``max_pixels``) runs
+alone. The waiting counts towards the row's ``hard_limit``, like any other slowness.
 """
 
 from __future__ import annotations
@@ -105,3 +111,25 @@ def _overdue(running: set[_Job], lock: threading.Lock, hard_limit: float) -> lis
                 running.discard(job)
                 out.append(job)
     return out
+
+
+class PixelBudget:
+    """At most ``limit`` decoded pixels held at once by the threads of one task."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.peak = limit, 0, 0
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._cv:
+            while self.used and self.used + pixels > self.limit:
+                self._cv.wait()
+            self.used += pixels
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= pixels
+                self._cv.notify_all()

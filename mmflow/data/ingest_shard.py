@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 from mmflow.data.http_fetch import Fetcher, FetchError, FetchOptions
 from mmflow.data.ingest_images import ImageError, ImageOptions, StoredImage, process_image
-from mmflow.data.ingest_pool import run_bounded
-from mmflow.data.ingest_sources import HASH, shard_input_uri
+from mmflow.data.ingest_pool import PixelBudget, run_bounded
+from mmflow.data.ingest_sources import ERROR, HASH, shard_input_uri
 from mmflow.data.ingest_tar import SampleTarWriter
 from mmflow.data.shards import ShardWriter, index_rows, shard_name
 from mmflow.data.webdataset_io import iter_shard
@@ -66,6 +66,7 @@ class ShardConfig:
     hash_type: str = "sha256"
     retry_kinds: tuple[str, ...] = RETRY_KINDS  # with ``previous``: error kinds to fetch again
     shard_retries: int = 2
+    max_pixels_in_flight: int = 1 << 28  # decoded pixels held at once by a task's threads
 
 
 @dataclass(frozen=True)
@@ -118,14 +119,15 @@ def _ingest(shard: int, job: ShardJob, attempt: int) -> dict[str, Any]:
     c = job.config
     with job.storage.open_input(shard_input_uri(job.inputs, shard)) as f:
         table = pq.read_table(f)
-    extra = {f.name: f.type for f in table.schema if f.name not in ("url", "caption", HASH)}
+    internal = ("url", "caption", HASH, ERROR)
+    extra = {f.name: f.type for f in table.schema if f.name not in internal}
     keys = [key_for(shard, i, c.samples_per_shard) for i in range(table.num_rows)]
     rows = {k: {**r, "key": k} for k, r in zip(keys, table.to_pylist(), strict=True)}
     del table
     tally = Counter()
     messages: Counter = Counter()
     fetcher = Fetcher(c.fetch)
-    work = partial(_fetch_row, fetcher, c.image, c.hash_type)
+    work = partial(_fetch_row, fetcher, c.image, c.hash_type, PixelBudget(c.max_pixels_in_flight))
     limit = hard_limit(c.fetch)
     try:
         with ShardWriter(job.storage, job.folder, shard, extra, SampleTarWriter) as w:
@@ -144,8 +146,12 @@ def _ingest(shard: int, job: ShardJob, attempt: int) -> dict[str, Any]:
         fetcher.close()
 
 
-def _fetch_row(fetcher: Fetcher, opts: ImageOptions, hash_type: str, row: dict) -> Outcome:
+def _fetch_row(
+    fetcher: Fetcher, opts: ImageOptions, hash_type: str, budget: PixelBudget | None, row: dict
+) -> Outcome:
     """Runs in a pool thread: URL -> stored image, or the reason it failed. Never raises."""
+    if row.get(ERROR):  # a row of the list that could not be read (ingest_sources)
+        return Outcome(status=DOWNLOAD, error=row[ERROR])
     url = (row.get("url") or "").strip()
     if not url:
         return Outcome(status=DOWNLOAD, error="invalid_url: empty URL")
@@ -157,7 +163,7 @@ def _fetch_row(fetcher: Fetcher, opts: ImageOptions, hash_type: str, row: dict) 
     if expected and hashlib.new(hash_type, got.data).hexdigest() != expected:
         return Outcome(status=DOWNLOAD, error=f"hash_mismatch: {hash_type} differs from the list's")
     try:
-        img = process_image(got.data, opts)
+        img = process_image(got.data, opts, budget)
     except ImageError as e:
         return Outcome(status=RESIZE, error=f"{e.kind}: {e.message}", downloaded=len(got.data))
     return Outcome(img, hashlib.sha256(img.data).hexdigest(), downloaded=len(got.data))
@@ -240,7 +246,7 @@ def _retryable(error: str, kinds: tuple[str, ...]) -> bool:
 
 
 def _base(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != HASH}
+    return {k: v for k, v in row.items() if k not in (HASH, ERROR)}
 
 
 def _pattern(error: str) -> str:

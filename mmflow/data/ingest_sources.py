@@ -14,11 +14,19 @@ list and ``samples_per_shard``.
 Types: Parquet columns keep their types. CSV, TSV, JSONL and text have none to keep, so every
 kept column is read as text (a number-looking column that turns into words half-way through a
 50 GB list must not fail the ingest).
+
+Bad rows: a CSV/TSV row with the wrong number of fields (a stray tab, an unquoted comma), a
+kept value that is not UTF-8, a JSONL line that is not a JSON object, never stop the ingest.
+Each keeps its place in the list (so later keys do not move) as a row without a URL whose
+``__error`` column says ``bad_row: {file} line {n}: {why}``; the shard task records it as a
+``failed_to_download`` row with that message, counted under ``errors.bad_row``. The message
+names the file and the physical line, never the row's content.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import fnmatch
 import io
 import json
@@ -29,7 +37,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mmflow.storage import Storage, filesystem, is_remote, join, normalize
@@ -45,6 +52,7 @@ LIST_FORMATS = {
     ".txt": "txt",
 }
 HASH = "__hash"
+ERROR = "__error"  # why a list row is unusable (a bad row), or null
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -164,7 +172,7 @@ def iter_url_batches(
         if fmt == "parquet":
             batches = _parquet_batches(raw, uri, spec, batch_rows)
         elif fmt in ("csv", "tsv"):
-            batches = _csv_batches(raw, uri, spec, fmt)
+            batches = _csv_batches(raw, uri, spec, fmt, batch_rows)
         elif fmt == "jsonl":
             batches = _jsonl_batches(raw, uri, spec, batch_rows)
         elif fmt == "txt":
@@ -173,6 +181,8 @@ def iter_url_batches(
             raise ValueError(f"{uri}: unknown input_format {fmt!r}")
         for table in batches:
             if table.num_rows:
+                if ERROR not in table.column_names:  # every format: one schema for all files
+                    table = table.append_column(ERROR, pa.nulls(table.num_rows, pa.string()))
                 yield table
 
 
@@ -209,38 +219,53 @@ def _parquet_batches(raw, uri: str, spec: ListSpec, batch_rows: int) -> Iterator
         yield _renamed(pa.Table.from_batches([batch]), spec, typed=True)
 
 
-def _csv_batches(raw, uri: str, spec: ListSpec, fmt: str) -> Iterator[pa.Table]:
-    names = list(spec.column_names) if spec.column_names else None
-    wanted = list(spec.wanted())
-    if names:
-        _check_columns(uri, names, spec)
-    parse = (
-        pacsv.ParseOptions(delimiter="\t", quote_char=False)  # TSV has no quoting
-        if fmt == "tsv"
-        else pacsv.ParseOptions(newlines_in_values=True)  # quoted captions may span lines
+def _csv_batches(raw, uri: str, spec: ListSpec, fmt: str, batch_rows: int) -> Iterator[pa.Table]:
+    """Python's csv reader, not pyarrow's: pyarrow fails a whole block on one non-UTF-8 value
+    or one row with a field too many, with a message naming neither file nor line. Bytes that
+    are not UTF-8 come through as surrogates (``surrogateescape``) and make their row bad."""
+    text = io.TextIOWrapper(
+        _Readable(raw), encoding="utf-8-sig", errors="surrogateescape", newline=""
     )
-    try:
-        reader = pacsv.open_csv(
-            raw,
-            read_options=pacsv.ReadOptions(column_names=names, block_size=4 << 20),
-            parse_options=parse,
-            convert_options=pacsv.ConvertOptions(
-                include_columns=wanted, column_types={c: pa.string() for c in wanted}
-            ),
-        )
-    except (pa.ArrowInvalid, KeyError) as e:
-        raise ValueError(
-            f"{uri}: cannot read the columns {wanted} ({e}); a list without a header line "
-            "needs column_names"
-        ) from None
-    for batch in reader:
-        yield _renamed(pa.Table.from_batches([batch]), spec, typed=False)
+    reader = (
+        csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE)  # TSV has no quoting
+        if fmt == "tsv"
+        else csv.reader(text)  # quoted captions may span lines
+    )
+    names = list(spec.column_names) if spec.column_names else next(reader, None)
+    if names is None:
+        return
+    _check_columns(uri, names, spec)
+    wanted = spec.wanted()
+    where = [names.index(c) for c in wanted]
+    rows = _Rows(uri, [*wanted.values()])
+    line = reader.line_num
+    while True:
+        start = line + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            line = reader.line_num
+            rows.bad(start, f"unreadable: {e}")
+            continue
+        line = reader.line_num
+        if not fields:
+            continue  # a blank line
+        if len(fields) != len(names):
+            stray = "tab" if fmt == "tsv" else "comma or quote"
+            rows.bad(start, f"{len(fields)} fields, not {len(names)} (a stray {stray}?)")
+        else:
+            rows.add(start, [fields[i] for i in where], list(wanted))
+        if len(rows) >= batch_rows:
+            yield rows.table()
+    yield rows.table()
 
 
 def _jsonl_batches(raw, uri: str, spec: ListSpec, batch_rows: int) -> Iterator[pa.Table]:
     wanted = spec.wanted()
-    text = io.TextIOWrapper(_Readable(raw), encoding="utf-8", errors="replace")
-    rows: dict[str, list] = {c: [] for c in wanted}
+    text = io.TextIOWrapper(_Readable(raw), encoding="utf-8", errors="surrogateescape")
+    rows = _Rows(uri, [*wanted.values()])
     for number, line in enumerate(text, 1):
         line = line.strip()
         if not line:
@@ -248,16 +273,50 @@ def _jsonl_batches(raw, uri: str, spec: ListSpec, batch_rows: int) -> Iterator[p
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{uri}: line {number} is not JSON (JSON Lines expected): {e}"
-            ) from None
-        for c, values in rows.items():
-            v = obj.get(c) if isinstance(obj, dict) else None
-            values.append(v if v is None or isinstance(v, str) else json.dumps(v))
-        if len(rows[spec.url_col]) >= batch_rows:
-            yield _columns(rows, wanted)
-            rows = {c: [] for c in wanted}
-    yield _columns(rows, wanted)
+            rows.bad(number, f"not JSON ({e.msg})")
+        else:
+            if not isinstance(obj, dict):
+                rows.bad(number, "not a JSON object")
+            else:
+                values = [obj.get(c) for c in wanted]
+                values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+                rows.add(number, values, list(wanted))
+        if len(rows) >= batch_rows:
+            yield rows.table()
+    yield rows.table()
+
+
+class _Rows:
+    """A batch of text rows under standard names, bad rows in place (see the module doc)."""
+
+    def __init__(self, uri: str, names: list[str]):
+        self.uri, self.names = uri, names
+        self.columns: dict[str, list] = {n: [] for n in [*names, ERROR]}
+
+    def __len__(self) -> int:
+        return len(self.columns[ERROR])
+
+    def add(self, line: int, values: list[str | None], sources: list[str]) -> None:
+        for v, src in zip(values, sources, strict=True):
+            if v is not None and not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    self.bad(line, f"column {src!r} is not UTF-8")
+                    return
+        for n, v in zip(self.names, values, strict=True):
+            self.columns[n].append(v)
+        self.columns[ERROR].append(None)
+
+    def bad(self, line: int, why: str) -> None:
+        for n in self.names:
+            self.columns[n].append(None)
+        self.columns[ERROR].append(f"bad_row: {self.uri} line {line}: {why}"[:300])
+
+    def table(self) -> pa.Table:
+        out = pa.table({n: pa.array(v, pa.string()) for n, v in self.columns.items()})
+        self.columns = {n: [] for n in self.columns}
+        return out
 
 
 def _txt_batches(raw, batch_rows: int) -> Iterator[pa.Table]:
@@ -270,10 +329,6 @@ def _txt_batches(raw, batch_rows: int) -> Iterator[pa.Table]:
             yield pa.table({"url": pa.array(urls, pa.string())})
             urls = []
     yield pa.table({"url": pa.array(urls, pa.string())})
-
-
-def _columns(rows: dict[str, list], wanted: dict[str, str]) -> pa.Table:
-    return pa.table({wanted[c]: pa.array(v, pa.string()) for c, v in rows.items()})
 
 
 class _Readable(io.RawIOBase):

@@ -156,7 +156,15 @@ class ShardWriter:
         return stats
 
 
-def _call_shard(fn: Callable[..., dict[str, Any]], shard: int, args: tuple) -> dict[str, Any]:
+def _call_shard(
+    fn: Callable[..., dict[str, Any]], shard: int, args: tuple, folder: str, storage: Storage
+) -> dict[str, Any]:
+    """The task: a shard whose stats exist is done. Ray retries a task whose worker died, also
+    one that died after writing the stats and before returning them: that retry returns them
+    instead of fetching the shard again."""
+    stats = storage.read_json_if_exists(stats_uri(folder, shard))
+    if stats is not None:
+        return stats
     return fn(shard, *args)
 
 
@@ -204,7 +212,7 @@ def map_shards(
     while queue or pending:
         while queue and len(pending) < limit:
             s = queue.pop(0)
-            pending[remote.remote(fn_ref, s, args)] = s
+            pending[remote.remote(fn_ref, s, args, folder, storage)] = s
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             s = pending.pop(ref)

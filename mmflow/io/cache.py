@@ -4,10 +4,12 @@ Workers load models with libraries that want local paths (open_clip, torch,
 transformers, tokenizers). A local URI is used in place; a remote one is
 downloaded once per machine into a cache private to the user (mode 0700, under
 ``$MMFLOW_CACHE`` or ``~/.cache/mmflow/models``). The cache key covers the URI *and*
-what is there now (each file's name and size, for a folder), so a folder replaced
-at the same URI (a forced re-execution) is fetched again rather than served stale.
-Concurrent callers race safely: each downloads into its own temporary folder and
-the first rename wins.
+what is there now (each file's name, size and modification time), so a folder
+replaced at the same URI is fetched again rather than served stale (on S3, whose
+LastModified has whole seconds, a rewrite within the same second of the same sizes is
+not seen; stage outputs are never rewritten in place: a forced re-execution builds aside). Concurrent
+callers, processes or threads, race safely: each downloads into a temporary folder
+of its own and the first rename wins.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import uuid
 
-from mmflow.storage import Storage, is_remote, normalize
+import pyarrow.fs as pafs
+
+from mmflow.storage import Storage, filesystem, is_remote, normalize
 
 
 def cache_root() -> str:
@@ -27,17 +32,21 @@ def cache_root() -> str:
     return root
 
 
-def _signature(uri: str, storage: Storage) -> str:
-    """What identifies the content at ``uri`` without reading it: names and sizes."""
-    if storage.is_dir(uri):
-        listing = sorted((f.name, f.size) for f in storage.ls(uri, recursive=True) if not f.is_dir)
-        if not listing:
-            raise FileNotFoundError(f"{uri}: empty or missing model folder")
-        return repr(listing)
-    entries = [f for f in storage.ls(uri.rsplit("/", 1)[0]) if f.uri == uri]
-    if not entries:
-        raise FileNotFoundError(f"{uri}: no such model file")
-    return repr(entries[0].size)
+def _signature(uri: str) -> str:
+    """What identifies the content at ``uri`` without reading it: each file's path, size and
+    modification time (S3's LastModified)."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such model folder or file")
+    if info.type == pafs.FileType.File:
+        entries = [info]
+    else:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    listing = sorted((e.path, e.size, e.mtime_ns) for e in entries if e.type == pafs.FileType.File)
+    if not listing:
+        raise FileNotFoundError(f"{uri}: empty model folder")
+    return repr(listing)
 
 
 def materialize(uri: str, storage: Storage | None = None) -> str:
@@ -46,12 +55,11 @@ def materialize(uri: str, storage: Storage | None = None) -> str:
     if not is_remote(uri):
         return uri
     storage = storage or Storage()
-    key = hashlib.sha256(f"{uri}\n{_signature(uri, storage)}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{uri}\n{_signature(uri)}".encode()).hexdigest()[:24]
     cache = os.path.join(cache_root(), key)
     local = os.path.join(cache, os.path.basename(uri.rstrip("/")))
     if not os.path.exists(os.path.join(cache, "_DONE")):
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = f"{cache}.{uuid.uuid4().hex}.tmp"  # one per caller, threads included
         if storage.is_dir(uri):
             storage.download_dir(uri, os.path.join(tmp, os.path.basename(local)))
         else:

@@ -1,21 +1,19 @@
 """The perceptual loss's feature network for VQ-GAN training: which one (``PerceptualSpec``,
-a stage param), the picklable recipe the driver makes from the spec and the stage's wired
-``clip`` input (``perceptual_plan``), and the frozen network each worker builds from it
-(``build_perceptual``): a CLIP image tower, LPIPS/VGG16 from local weight files, or none.
-Nothing here imports torch at module level."""
+a stage param), the picklable recipe the driver makes from the spec and the CLIP wired into
+the stage, if any (``perceptual_plan``, given that CLIP's folder and MLflow run id), and the
+frozen network each worker builds from it (``build_perceptual``): a CLIP image tower,
+LPIPS/VGG16 from local weight files, or none. Nothing here imports torch at module level, nor
+the stage contract."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from mmflow.models.clip import ClipSpec
 from mmflow.params import Params
-
-if TYPE_CHECKING:
-    from mmflow.stage import StageContext
 
 
 class PerceptualSpec(Params):
@@ -42,30 +40,38 @@ class PerceptualSpec(Params):
         return self
 
 
-def perceptual_plan(spec: PerceptualSpec, ctx: StageContext) -> dict[str, Any] | None:
-    """What the workers build as the perceptual network (a picklable recipe), or None."""
-    clip_in = ctx.inputs.get("clip")
+def perceptual_plan(
+    spec: PerceptualSpec,
+    clip_uri: str | None = None,
+    clip_run_id: str | None = None,
+    stage: str = "vqgan_train",
+) -> dict[str, Any] | None:
+    """What the workers build as the perceptual network (a picklable recipe), or None.
+
+    ``clip_uri`` is the folder of a CLIP wired into the stage (its ``clip`` input; None when
+    unwired) and ``clip_run_id`` the MLflow run that logged it; ``stage`` names the stage in
+    the note printed when that CLIP goes unused."""
     kind = spec.kind
     if kind == "auto":
-        kind = "clip" if clip_in is not None or spec.clip.is_set else "none"
+        kind = "clip" if clip_uri is not None or spec.clip.is_set else "none"
     if spec.weight == 0 or kind == "none":
-        if clip_in is not None:
-            print(f"[{ctx.stage}] note: the `clip` input is unused (perceptual kind {spec.kind!r}, weight {spec.weight})", flush=True)  # fmt: skip
+        if clip_uri is not None:
+            print(f"[{stage}] note: the `clip` input is unused (perceptual kind {spec.kind!r}, weight {spec.weight})", flush=True)  # fmt: skip
         return None
     if kind == "clip":
-        if clip_in is not None and spec.clip.is_set:
+        if clip_uri is not None and spec.clip.is_set:
             raise ValueError(
                 "a CLIP is wired as input `clip` and also named in loss.perceptual.clip; keep one"
             )
-        if clip_in is None and not spec.clip.is_set:
+        if clip_uri is None and not spec.clip.is_set:
             raise ValueError(
                 "perceptual kind 'clip' needs a `clip` input (e.g. clip_train) or loss.perceptual.clip"
             )
         return {
             "kind": "clip",
-            "spec": None if clip_in is not None else spec.clip.model_dump(),
-            "uri": clip_in.uri if clip_in is not None else None,
-            "run_id": clip_in.manifest.get("mlflow_run_id") if clip_in is not None else None,
+            "spec": None if clip_uri is not None else spec.clip.model_dump(),
+            "uri": clip_uri,
+            "run_id": clip_run_id if clip_uri is not None else None,
         }
     for path in (spec.vgg_weights, spec.lpips_weights):
         if path and not os.path.isfile(os.path.expanduser(path)):

@@ -1,11 +1,2 @@
-"""Built-in stage types. Importing this package registers them."""
-
-from mmflow.stages import (  # noqa: F401
-    clip_filter,
-    clip_train,
-    import_shards,
-    ingest_urls,
-    pretokenize,
-    synth_shapes,
-    vqgan_train,
-)
+"""Built-in stage types, one module each. Nothing is imported here: stage types are found
+through the ``mmflow.stages`` entry points (see mmflow.plugins and pyproject.toml)."""

@@ -1,11 +1,11 @@
 """``clip_filter``: score every image-text pair with CLIP on Ray Data, then filter DataComp-style.
 
-Scoring is one streaming Ray Data pipeline::
+Scoring is the batch-inference block (:mod:`mmflow.data.inference`) with two steps of its own::
 
-    shard URIs -> read + preprocess (CPU actors: tar -> samples, sha256 of the original bytes,
+    shard URIs -> read + preprocess (PairReader, CPU actors: sha256 of the original bytes,
                                      decode + the model's own transforms, tokenize;
-                                     bad samples marked, not dropped)
-               -> score (actor pool: batched inference, autocast on GPU, one model per actor)
+                                     bad samples kept as rows with ``error``, not dropped)
+               -> score (Scorer, actor pool: batched inference, autocast on GPU)
                -> Parquet score table (output ``scores``)
 
 ``clip_score`` is the cosine similarity of the L2-normalised image and text
@@ -35,9 +35,9 @@ the stage logs ``roc_auc``, ``kept_mismatch_rate`` and ``clean_kept_rate``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from mmflow.data.inference import BadSample, ModelStep, ShardReader, run_inference
 from mmflow.data.pair_filters import (
     FILTER_REASONS,
     Decision,
@@ -59,16 +60,13 @@ from mmflow.data.shards import (
     extra_columns,
     index_rows,
     list_shards,
-    listed_keys,
     map_shards,
     shard_name,
 )
-from mmflow.data.webdataset_io import iter_shard
+from mmflow.data.webdataset_io import Sample, iter_shard
 from mmflow.models.clip import ClipSource, ClipSpec, resolve
 from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.storage import Storage, filesystem
-
-PREPROCESS_CPUS = 1.0  # per preprocessing actor; the scoring actors take resources.cpus each
 
 
 class ClipFilterParams(Params):
@@ -98,131 +96,93 @@ class ClipFilterParams(Params):
     )
 
 
-SCORE_FIELDS = [
-    ("key", pa.string()),
-    ("shard", pa.int32()),
-    ("index", pa.int32()),
-    ("uid", pa.string()),
-    ("url", pa.string()),
-    ("caption", pa.string()),
-    ("sha256", pa.string()),
-    ("error", pa.string()),
-    ("mismatched", pa.bool_()),
-]
-PAIR_SCHEMA = pa.schema(SCORE_FIELDS)
+# the score table's own columns; the scorer adds clip_score, model, model_tag (and embeddings)
+PAIR_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int32()), ("index", pa.int32()),
+                         ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                         ("sha256", pa.string()), ("error", pa.string()),
+                         ("mismatched", pa.bool_())])  # fmt: skip
 
 
-# --- scoring on Ray Data --------------------------------------------------------------------------
+# --- scoring on Ray Data (mmflow.data.inference) -------------------------------------------------
 
 
-class Preprocessor:
-    """One per CPU actor: reads whole shards and yields pair rows, ``chunk`` at a time, holding
-    the original bytes' sha256, the transformed image and the tokens. A failure marks its row."""
+class PairReader(ShardReader):
+    """Pair rows: the original bytes' sha256, the image in the model's transforms, the tokens."""
 
-    def __init__(self, source: ClipSource, storage: Storage, chunk: int):
-        import torch
+    def __init__(self, source: ClipSource):
+        from PIL import Image
 
         from mmflow.models.clip import load_transforms
 
-        torch.set_num_threads(1)
         self.transform, self.tokenizer = load_transforms(source)
-        self.storage, self.chunk = storage, chunk
+        # a bad row's pixels: of the real shape, so that every chunk has the same tensor type
+        self.blank = np.zeros_like(self.transform(Image.new("RGB", (8, 8))).numpy())
 
-    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for shard, uri in zip(batch["shard"].to_pylist(), batch["uri"].to_pylist(), strict=True):
-            listed = listed_keys(self.storage, uri)
-            rows: list[dict[str, Any]] = []
-            for s in iter_shard(self.storage, uri):
-                listed.discard(s.key)
-                rows.append(_pair_row(s, shard))
-                if len(rows) == self.chunk:
-                    yield self.preprocess(rows)
-                    rows = []
-            for i, key in enumerate(
-                sorted(listed)
-            ):  # in the index as a success, absent from the tar
-                row = {"key": key, "shard": shard, "index": 10**9 + i, "error": "missing_from_tar"}
-                rows.append(row)
-            if rows:
-                yield self.preprocess(rows)
-
-    def preprocess(self, rows: list[dict[str, Any]]) -> pa.Table:
+    def row(self, s: Sample, shard: int) -> dict[str, Any]:
+        if not (s.caption or "").strip():
+            raise BadSample("empty_caption")
         from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(s.image)) as img:
+                pixels = self.transform(img.convert("RGB")).numpy()
+        except Exception as e:
+            raise BadSample("undecodable_image", type(e).__name__) from e
+        return {**self.bad_row(s, shard, None), "pixels": pixels}
+
+    def bad_row(self, s: Sample, shard: int, error: str | None) -> dict[str, Any]:
+        """A bad sample's row, and with ``error`` None the start of a good one."""
+        mismatched = s.meta.get("mismatched")
+        return {
+            "key": s.key,
+            "shard": shard,
+            "index": s.index,
+            "uid": _str(s.meta.get("uid")),
+            "url": _str(s.meta.get("url")),
+            "caption": s.caption,
+            "error": error,
+            "sha256": hashlib.sha256(s.image).hexdigest() if s.image is not None else None,
+            "mismatched": mismatched if isinstance(mismatched, bool) else None,
+        }
+
+    def table(self, rows: list[dict[str, Any]]) -> pa.Table:
         from ray.data.extensions import ArrowTensorArray
 
-        pixels = []
-        for row in rows:
-            if row.get("error") is None:
-                try:
-                    with Image.open(io.BytesIO(row["image"])) as img:
-                        pixels.append(self.transform(img.convert("RGB")).numpy())
-                    continue
-                except Exception as e:
-                    row["error"] = f"undecodable_image: {type(e).__name__}"
-            pixels.append(None)
-        shape = next((x.shape for x in pixels if x is not None), (3, 1, 1))
-        stacked = np.stack([x if x is not None else np.zeros(shape, np.float32) for x in pixels])
-        captions = [r["caption"] if r.get("error") is None else "" for r in rows]
+        stacked = np.stack([r.get("pixels", self.blank) for r in rows])  # the scorer skips blanks
+        tokens = self.tokenizer([r["caption"] if r["error"] is None else "" for r in rows])
         table = pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
         table = table.append_column("pixels", ArrowTensorArray.from_numpy(stacked))
-        tokens = self.tokenizer(captions).numpy()
-        return table.append_column("tokens", ArrowTensorArray.from_numpy(tokens))
+        return table.append_column("tokens", ArrowTensorArray.from_numpy(tokens.numpy()))
 
 
-def _pair_row(s, shard: int) -> dict[str, Any]:
-    import hashlib
+class Scorer(ModelStep):
+    """CLIP on the actor's device: the cosine of the normalised embeddings, autocast on GPU."""
 
-    mismatched = s.meta.get("mismatched")
-    return {
-        "key": s.key,
-        "shard": shard,
-        "index": s.index,
-        "uid": _str(s.meta.get("uid")),
-        "url": _str(s.meta.get("url")),
-        "caption": s.caption,
-        "image": s.image,
-        "error": s.error or (None if (s.caption or "").strip() else "empty_caption"),
-        "sha256": hashlib.sha256(s.image).hexdigest() if s.image is not None else None,
-        "mismatched": mismatched if isinstance(mismatched, bool) else None,
-    }
+    consumes = ("pixels", "tokens")
 
-
-class Scorer:
-    """One per actor: the model on its device; scores batches of preprocessed pairs."""
-
-    def __init__(self, source: ClipSource, threads: int, save_embeddings: bool):
-        import torch
-
+    def __init__(self, source: ClipSource, save_embeddings: bool):
         from mmflow.models.clip import load_clip
 
-        torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.clip = load_clip(source, device=self.device)
         self.save_embeddings = save_embeddings
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def predict(self, inputs: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, pa.Array]:
         import torch
 
-        ok = np.array([e is None for e in batch["error"]])
-        n, scores = len(ok), np.full(len(ok), np.nan, np.float32)
-        emb = None
+        n, scores, emb = len(ok), np.full(len(ok), np.nan, np.float32), None
         if ok.any():
-            images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(
-                self.device, non_blocking=True
-            )
-            texts = torch.from_numpy(np.ascontiguousarray(batch["tokens"][ok])).to(
-                self.device, non_blocking=True
-            )
+            images, texts = self.tensor(inputs["pixels"][ok]), self.tensor(inputs["tokens"][ok])
             autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.device == "cuda")
             with torch.inference_mode(), autocast:
                 img_f = self.clip.model.encode_image(images, normalize=True).float()
                 txt_f = self.clip.model.encode_text(texts, normalize=True).float()
             scores[ok] = (img_f * txt_f).sum(-1).cpu().numpy()
             emb = (img_f.half().cpu().numpy(), txt_f.half().cpu().numpy())
-        cols = {name: pa.array(list(batch[name]), typ) for name, typ in SCORE_FIELDS}
-        cols["clip_score"] = pa.array(scores, pa.float32(), mask=~ok)
-        cols["model"] = pa.array([self.clip.arch] * n, pa.string())
-        cols["model_tag"] = pa.array([self.clip.tag] * n, pa.string())
+        cols = {
+            "clip_score": pa.array(scores, pa.float32(), mask=~ok),
+            "model": pa.array([self.clip.arch] * n, pa.string()),
+            "model_tag": pa.array([self.clip.tag] * n, pa.string()),
+        }
         if self.save_embeddings:
             dim = self.clip.model.text_projection.shape[-1] if emb is None else emb[0].shape[1]
             for name, j in (("image_embedding", 0), ("text_embedding", 1)):
@@ -231,46 +191,7 @@ class Scorer:
                     full[ok] = emb[j]
                 flat = pa.array(full.reshape(-1), pa.float16())
                 cols[name] = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
-        return pa.table(cols)
-
-
-def score_pairs(
-    ctx: StageContext, source: ClipSource, shards: list[str], p: ClipFilterParams
-) -> None:
-    """Run the Ray Data pipeline; the score table lands in ``ctx.outputs['scores']``."""
-    import ray
-
-    res = ctx.resources
-    items = [{"shard": i, "uri": uri} for i, uri in enumerate(shards)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # CPU actors of their own (not tasks, which Ray Data would fuse into the scoring actors):
-    # preprocessing and inference run side by side, and the transforms are built once per actor.
-    ds = ds.map_batches(
-        Preprocessor,
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.preprocess_workers),
-        num_cpus=PREPROCESS_CPUS,
-        fn_constructor_kwargs={"source": source, "storage": ctx.storage, "chunk": p.batch_size},
-    )
-    ds = ds.map_batches(
-        Scorer,
-        batch_size=p.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, res.workers)),
-        num_cpus=res.cpus,
-        num_gpus=res.gpus or None,
-        fn_constructor_kwargs={
-            "source": source,
-            "threads": max(1, int(res.cpus)),
-            "save_embeddings": p.save_embeddings,
-        },
-    )
-    fs, path = filesystem(ctx.outputs["scores"])
-    # writing is light I/O: no CPU reservation, so it never waits for the actors to let go of theirs
-    ds.write_parquet(
-        path, filesystem=fs, min_rows_per_file=100_000, ray_remote_args={"num_cpus": 0}
-    )
+        return cols
 
 
 # --- writing the filtered shards -------------------------------------------------------------------
@@ -380,7 +301,7 @@ class ClipFilter(Stage):
     inputs = {"shards": "shards", "model": "model"}
     optional_inputs = frozenset({"model"})  # or name the CLIP in params.model
     outputs = {"scores": "table", "shards": "shards"}
-    # per scoring actor; the preprocessing actors take PREPROCESS_CPUS each
+    # per scoring actor; the preprocessing actors take inference.READ_CPUS each
     resources = Resources(cpus=1, workers=1)
 
     @classmethod
@@ -404,10 +325,13 @@ class ClipFilter(Stage):
             flush=True,
         )
 
-        for name in ("scores", "shards"):  # leftovers of an interrupted attempt would mix in
-            ctx.storage.delete(ctx.outputs[name])
         start = time.monotonic()
-        score_pairs(ctx, source, shards, p)
+        report = run_inference(
+            shards, ctx.storage, reader=PairReader, reader_kwargs={"source": source},
+            model=Scorer, model_kwargs={"source": source, "save_embeddings": p.save_embeddings},
+            out_uri=ctx.outputs["scores"], bad_uri=ctx.work("bad"), resources=ctx.resources,
+            batch_size=p.batch_size, read_workers=p.preprocess_workers, keep_bad_rows=True,
+        )  # fmt: skip
         t = _read_scores(ctx.outputs["scores"])
         scored = time.monotonic()
         d = decide(t, p)
@@ -419,9 +343,8 @@ class ClipFilter(Stage):
         timing = {"score_s": scored - start, "write_s": written - scored}
         metrics = {"num_samples": n, "num_kept": kept, **d.thresholds, **dropped, **timing}
         ctx.log_metrics({**metrics, **evaluate(t, d)})
-        bad = {r: _keys_with_error(t, r)[:100] for r in d.reasons if r not in FILTER_REASONS}
         ctx.record_output("scores", num_rows=n, model=source.arch, model_tag=source.tag,
-                          bad_samples=bad)  # fmt: skip
+                          bad_samples=report.bad_keys)  # fmt: skip
         ctx.record_output("shards", num_samples=kept, num_shards=len(stats), format="img2dataset",
                           shards=[f"{shard_name(i)}.tar" for i in range(len(stats))])  # fmt: skip
         if n and (~np.isnan(t["clip_score"])).any():
@@ -448,10 +371,6 @@ def _read_scores(uri: str) -> dict[str, np.ndarray]:
     scores = table["clip_score"].to_numpy(zero_copy_only=False)  # null -> nan
     t["clip_score"] = scores.astype(np.float32)
     return t
-
-
-def _keys_with_error(t: dict[str, np.ndarray], reason: str) -> list[str]:
-    return [k for k, e in zip(t["key"], t["error"], strict=True) if e and e.split(":")[0] == reason]
 
 
 def _str(v: Any) -> str | None:

@@ -11,10 +11,13 @@ rewritten or deleted later, while the committed fingerprint would still claim it
 downstream is whole (a truncated source tar is cut at its last good sample), and the index is
 ours to write. The cost is one read and one write of the data.
 
-Nothing in a source shard fails the stage. A sample with no image, no caption (with
-``require_caption``), an image that does not decode whole, broken json, a key seen twice, or a
-truncated tar is a Parquet row with status ``failed_to_import`` and ``error_message``
-``kind: detail``; the source index's own failure rows (img2dataset's failed downloads) are kept
+Nothing in a source shard fails the stage, and reading one is bounded (see
+``mmflow/data/webdataset_io.py``). A sample with no image, no caption (with
+``require_caption``), an image that does not decode whole, broken json, a key seen twice, a
+member over ``max_member_bytes``, a sparse, link or device member, a key that is not a plain
+UTF-8 file name (``..``, absolute, with a ``/``), a compressed tar that inflates past its bound,
+or a truncated or non-tar file is a Parquet row with status ``failed_to_import`` and
+``error_message`` ``kind: detail`` (naming the member and the source tar); the source index's own failure rows (img2dataset's failed downloads) are kept
 as they are; a row the source index lists as a success but the tar lacks is
 ``missing_from_tar``. Bad keys are listed by kind in the manifest and the metrics count them.
 """
@@ -27,8 +30,9 @@ from pydantic import Field, field_validator
 
 from mmflow.data.ingest_import import LISTED_BAD_KEYS, ImportJob, import_shard
 from mmflow.data.ingest_sources import expand_uris
-from mmflow.data.preview import preview_grid
+from mmflow.data.preview import log_preview
 from mmflow.data.shards import map_shards, shard_name
+from mmflow.data.webdataset_io import DEFAULT_MAX_MEMBER_BYTES
 from mmflow.stage import Params, Resources, Stage, StageContext, register
 
 
@@ -41,6 +45,12 @@ class ImportShardsParams(Params):
     check_images: bool = Field(True, description="decode every image; undecodable = bad sample")
     require_caption: bool = Field(True, description="a sample without .txt is a bad sample")
     max_pixels: int = Field(89_478_485, ge=1, description="larger images are bad samples")
+    max_member_bytes: int = Field(
+        DEFAULT_MAX_MEMBER_BYTES,
+        ge=1 << 10,
+        description="larger tar members are bad samples, never read; also bounds the inflation "
+        "of a compressed tar",
+    )
     preview: int = Field(32, ge=0, le=256, description="images in the MLflow grid")
 
     @field_validator("source")
@@ -57,11 +67,12 @@ class ImportShardsParams(Params):
 @register
 class ImportShards(Stage):
     type = "import_shards"
-    version = "1"
+    version = "2"  # 2: bounded reading; unsafe keys, links, sparse and oversized members refused
     description = "Validate and copy existing WebDataset/img2dataset shards into the pipeline."
     Params = ImportShardsParams
     outputs = {"shards": "shards"}
     resources = Resources(cpus=1, workers=0)
+    resumable = True  # finished shards (with their _stats.json) are kept and skipped
 
     def run(self, ctx: StageContext) -> None:
         import ray
@@ -77,7 +88,13 @@ class ImportShards(Stage):
         _same_sources_as_before(ctx, sources)
         print(f"[{ctx.stage}] importing {len(sources)} shards from {p.source}", flush=True)
         job = ImportJob(
-            ray.put(sources), folder, ctx.storage, p.check_images, p.require_caption, p.max_pixels
+            ray.put(sources),
+            folder,
+            ctx.storage,
+            p.check_images,
+            p.require_caption,
+            p.max_pixels,
+            p.max_member_bytes,
         )
         stats = map_shards(
             import_shard,
@@ -144,4 +161,4 @@ def _report(
         flush=True,
     )
     if p.preview and ok:
-        ctx.log_image(preview_grid(ctx.storage, ctx.outputs["shards"], p.preview), "samples")
+        log_preview(ctx, ctx.outputs["shards"], p.preview)

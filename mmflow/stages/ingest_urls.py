@@ -29,8 +29,15 @@ from pydantic import Field, field_validator, model_validator
 from mmflow.data.http_fetch import FetchOptions
 from mmflow.data.ingest_images import ImageOptions
 from mmflow.data.ingest_shard import RETRY_KINDS, ShardConfig, ShardJob, ingest_shard
-from mmflow.data.ingest_sources import ListSpec, expand_uris, file_size, split_url_list
-from mmflow.data.preview import preview_grid
+from mmflow.data.ingest_sources import (
+    ERROR,
+    HASH,
+    ListSpec,
+    expand_uris,
+    file_size,
+    split_url_list,
+)
+from mmflow.data.preview import log_preview
 from mmflow.data.shards import BASE_COLUMNS, map_shards, shard_name
 from mmflow.stage import MANIFEST, Params, Resources, Stage, StageContext, register
 from mmflow.storage import join
@@ -82,6 +89,15 @@ class IngestUrlsParams(Params):
         description="X-Robots-Tag directives that opt an image out; [] ignores the header",
     )
     verify_tls: bool = Field(True, description="check HTTPS certificates")
+    refuse_private_addresses: bool = Field(
+        True,
+        description="refuse URLs (and redirects) whose host resolves to a loopback, private, "
+        "link-local or cloud-metadata address, checked on every hop before connecting",
+    )
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from refuse_private_addresses (an internal CDN, say)",
+    )
     # -- images
     image_size: int = Field(256, ge=8, le=16384, description="target side for resize_mode")
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
@@ -93,6 +109,13 @@ class IngestUrlsParams(Params):
     min_image_size: int = Field(0, ge=0, description="reject images whose smaller side is below")
     max_aspect_ratio: float | None = Field(None, ge=1.0, description="reject longer/shorter above")
     max_pixels: int = Field(89_478_485, ge=1, description="reject larger images before decoding")
+    max_pixels_in_flight: int = Field(
+        1 << 28,
+        ge=1,
+        exclude=True,  # memory, not what is made: outside the fingerprint
+        description="decoded pixels a shard task's threads hold at once (2^28: about 1 GB of "
+        "RGBA); an image larger than this runs alone",
+    )
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100, description="jpg and webp quality")
     keep_original: bool = Field(
@@ -114,6 +137,15 @@ class IngestUrlsParams(Params):
     shard_retries: int = Field(2, ge=0, le=10, description="reruns of a shard that raised or died")
     preview: int = Field(32, ge=0, le=256, description="images in the MLflow grid")
 
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in v:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
+        return v
+
     @field_validator("url_list")
     @classmethod
     def _required(cls, v: str | None) -> str:
@@ -126,7 +158,7 @@ class IngestUrlsParams(Params):
 
     @model_validator(mode="after")
     def _columns(self) -> IngestUrlsParams:
-        reserved = set(BASE_COLUMNS) | {"__hash"}
+        reserved = set(BASE_COLUMNS) | {HASH, ERROR}
         clash = reserved & set(self.extra_columns)
         if clash:
             raise ValueError(f"extra_columns may not use the output's own names: {sorted(clash)}")
@@ -162,6 +194,8 @@ class IngestUrlsParams(Params):
             max_redirects=self.max_redirects,
             disallowed_directives=tuple(self.disallowed_header_directives),
             verify_tls=self.verify_tls,
+            refuse_private_addresses=self.refuse_private_addresses,
+            allow_networks=tuple(self.allow_networks),
         )
         return ShardConfig(
             self.samples_per_shard,
@@ -171,6 +205,7 @@ class IngestUrlsParams(Params):
             self.hash_type,
             tuple(self.retry_kinds),
             self.shard_retries,
+            self.max_pixels_in_flight,
         )
 
     def image_options(self) -> ImageOptions:
@@ -198,6 +233,7 @@ class IngestUrls(Stage):
     Params = IngestUrlsParams
     outputs = {"shards": "shards"}
     resources = Resources(cpus=1, workers=0)  # per shard task; workers=0: as many as fit
+    resumable = True  # finished shards are kept and skipped; list cuts live in _work
 
     def run(self, ctx: StageContext) -> None:
         p: IngestUrlsParams = ctx.params
@@ -330,7 +366,7 @@ def report(
         flush=True,
     )
     if p.preview and ok:
-        ctx.log_image(preview_grid(ctx.storage, ctx.outputs["shards"], p.preview), "samples")
+        log_preview(ctx, ctx.outputs["shards"], p.preview)
 
 
 def _log_json(ctx: StageContext, obj: Any, name: str) -> None:

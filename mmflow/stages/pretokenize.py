@@ -6,11 +6,11 @@ or loaded from ``text_tokenizer``; it is the output ``text_tokenizer`` (a folder
 ``tokenizers.Tokenizer.from_file`` reads) and its sha256 is recorded. It lives here,
 not in ``vqgan_train``, so a new vocabulary reruns this stage and never the VQ-GAN.
 
-Then one streaming Ray Data pipeline::
+Then the batch-inference block (:mod:`mmflow.data.inference`) with two steps of its own::
 
-    shard URIs -> read (CPU actors: tar -> samples, decode + the VQ-GAN's preprocessing to
+    shard URIs -> read (ImageTextReader, CPU actors: decode + the VQ-GAN's preprocessing to
                         uint8, captions -> ids; a bad sample is noted in _work/bad/, not passed on)
-               -> encode (actor pool, GPU actors when resources.gpus: the VQ-GAN encoder)
+               -> encode (Encoder, actor pool, GPU actors when resources.gpus: the VQ-GAN encoder)
                -> Parquet files of at most ``rows_per_file`` rows (output ``tokens``)
 
 Columns: ``key``, ``caption``, ``text_ids`` (list<int32>), ``image_tokens`` (list<int32>,
@@ -19,8 +19,8 @@ row-major over the grid), ``grid_h``, ``grid_w``. Every file's key-value metadat
 registered model), its codebook size and the text tokenizer's hash, so
 ``mmflow decode`` and any reader (pyarrow, pandas, duckdb) need nothing else.
 Rows are in input order (shard, then sample). Bad samples (undecodable image, broken
-tar or json, missing image) are counted by reason in the metrics and listed in the
-manifest, never fatal.
+tar or json, missing image, listed in the shard index but missing from the tar) are
+counted by reason in the metrics and listed in the manifest, never fatal.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,13 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
+from mmflow.data.inference import BadSample, ModelStep, ShardReader, run_inference
 from mmflow.data.shards import list_shards
-from mmflow.data.token_table import table_files, token_schema
-from mmflow.data.webdataset_io import iter_shard
+from mmflow.data.token_table import token_schema
+from mmflow.data.webdataset_io import Sample, iter_shard
 from mmflow.stage import Params, Resources, Stage, StageContext, register
-from mmflow.storage import Storage, filesystem, join
-
-READ_CPUS = 1.0  # per reading actor; the encoding actors take resources.cpus each
+from mmflow.storage import Storage, join
 
 
 class PretokenizeParams(Params):
@@ -104,156 +102,72 @@ def build_text_tokenizer(
     return {"meta": meta, "json": tok.tokenizer.to_str()}
 
 
-# --- encoding on Ray Data ----------------------------------------------------------------------------
+# --- encoding on Ray Data (mmflow.data.inference) -------------------------------------------------
 
 
-class Reader:
-    """One per CPU actor: whole shards in, chunks of ``chunk`` good rows out (uint8 pixels in the
-    VQ-GAN's preprocessing, caption ids). Bad samples go to ``{bad_uri}/{shard}.json``."""
+class ImageTextReader(ShardReader):
+    """Rows of uint8 pixels in the VQ-GAN's preprocessing and caption ids."""
 
-    def __init__(
-        self, image_size: int, tokenizer_json: str, storage: Storage, bad_uri: str, chunk: int
-    ):
-        import torch
+    def __init__(self, image_size: int, tokenizer_json: str):
         from tokenizers import Tokenizer
 
         from mmflow.data.text_tokenizer import TextTokenizer
         from mmflow.models.vqgan import Preprocess
 
-        torch.set_num_threads(1)
         self.preprocess = Preprocess(image_size)
         self.tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), "stage")
-        self.storage, self.bad_uri, self.chunk = storage, bad_uri, chunk
 
-    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+    def row(self, s: Sample, shard: int) -> dict[str, Any]:
         from PIL import Image
 
-        for shard, uri in zip(batch["shard"].to_pylist(), batch["uri"].to_pylist(), strict=True):
-            rows: list[tuple[str, str, Any]] = []
-            bad: list[dict[str, str]] = []
-            for s in iter_shard(self.storage, uri):
-                try:
-                    if s.error:
-                        raise ValueError(s.error)
-                    with Image.open(io.BytesIO(s.image)) as img:
-                        rows.append((s.key, s.caption or "", self.preprocess.pixels(img).numpy()))
-                except Exception as e:
-                    reason = s.error or f"undecodable_image: {type(e).__name__}: {e}"[:200]
-                    bad.append({"key": s.key, "error": reason})
-                if len(rows) == self.chunk:
-                    yield self._table(rows)
-                    rows = []
-            if rows:
-                yield self._table(rows)
-            # deterministic, so a retried actor rewrites the same file
-            self.storage.write_json(join(self.bad_uri, f"{shard:05d}.json"), bad)
+        try:
+            with Image.open(io.BytesIO(s.image)) as img:
+                pixels = self.preprocess.pixels(img).numpy()
+        except Exception as e:
+            raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from e
+        return {"key": s.key, "caption": s.caption or "", "pixels": pixels}
 
-    def _table(self, rows: list[tuple[str, str, Any]]) -> pa.Table:
+    def table(self, rows: list[dict[str, Any]]) -> pa.Table:
         from ray.data.extensions import ArrowTensorArray
 
-        keys, captions, pixels = zip(*rows, strict=True)
-        ids = self.tokenizer.encode_batch(list(captions))
+        captions = [r["caption"] for r in rows]
         return pa.table(
             {
-                "key": pa.array(keys, pa.string()),
+                "key": pa.array([r["key"] for r in rows], pa.string()),
                 "caption": pa.array(captions, pa.string()),
-                "text_ids": pa.array(ids, pa.list_(pa.int32())),
-                "pixels": ArrowTensorArray.from_numpy(np.stack(pixels)),
+                "text_ids": pa.array(self.tokenizer.encode_batch(captions), pa.list_(pa.int32())),
+                "pixels": ArrowTensorArray.from_numpy(np.stack([r["pixels"] for r in rows])),
             }
         )
 
 
-class Encoder:
-    """One per actor: the VQ-GAN on its device; uint8 pixels in, row-major codes out."""
+class Encoder(ModelStep):
+    """The VQ-GAN on the actor's device: uint8 pixels in, row-major codes out."""
 
-    def __init__(self, model_uri: str, threads: int):
-        import torch
+    consumes = ("pixels",)
 
+    def __init__(self, model_uri: str):
         from mmflow.io.cache import materialize
         from mmflow.models.vqgan import load_vqgan
 
-        torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, _, _ = load_vqgan(materialize(model_uri), self.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def predict(self, inputs: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, pa.Array]:
         import torch
 
         from mmflow.models.vqgan import from_uint8
 
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(
-            self.device, non_blocking=True
-        )
         with torch.inference_mode():
-            tokens = self.model.tokenize(from_uint8(pixels))  # (B, h, w)
+            tokens = self.model.tokenize(from_uint8(self.tensor(inputs["pixels"])))  # (B, h, w)
         n, h, w = tokens.shape
         flat = tokens.reshape(n, h * w).to(torch.int32).cpu().numpy()
-        return pa.table(
-            {
-                "key": pa.array(list(batch["key"]), pa.string()),
-                "caption": pa.array(list(batch["caption"]), pa.string()),
-                "text_ids": pa.array(list(batch["text_ids"]), pa.list_(pa.int32())),
-                "image_tokens": pa.FixedSizeListArray.from_arrays(
-                    pa.array(flat.reshape(-1)), h * w
-                ).cast(pa.list_(pa.int32())),
-                "grid_h": pa.array(np.full(n, h, np.int32)),
-                "grid_w": pa.array(np.full(n, w, np.int32)),
-            }
-        )
-
-
-def encode_shards(
-    ctx: StageContext, shards: list[str], p: PretokenizeParams, model_uri: str, image_size: int,
-    tokenizer_json: str, schema: pa.Schema,
-) -> None:  # fmt: skip
-    """Run the Ray Data pipeline; the table lands in ``ctx.outputs['tokens']``."""
-    import ray
-    from ray.data import DataContext
-
-    res = ctx.resources
-    data_ctx = DataContext.get_current()
-    keep_order = data_ctx.execution_options.preserve_order
-    data_ctx.execution_options.preserve_order = (
-        True  # rows in input order: row numbers mean something
-    )
-    try:
-        items = [{"shard": i, "uri": uri} for i, uri in enumerate(shards)]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            Reader,
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.read_workers),
-            num_cpus=READ_CPUS,
-            fn_constructor_kwargs={
-                "image_size": image_size,
-                "tokenizer_json": tokenizer_json,
-                "storage": ctx.storage,
-                "bad_uri": ctx.work("bad"),
-                "chunk": p.batch_size,
-            },
-        )
-        ds = ds.map_batches(
-            Encoder,
-            batch_size=p.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=max(1, res.workers)),
-            num_cpus=res.cpus,
-            num_gpus=res.gpus or None,
-            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(res.cpus))},
-        )
-        fs, path = filesystem(ctx.outputs["tokens"])
-        # writing is light I/O: no CPU reservation, so it never waits for the actors to let go of theirs
-        ds.write_parquet(
-            path,
-            filesystem=fs,
-            schema=schema,
-            min_rows_per_file=p.rows_per_file,
-            max_rows_per_file=p.rows_per_file,
-            ray_remote_args={"num_cpus": 0},
-        )
-    finally:
-        data_ctx.execution_options.preserve_order = keep_order
+        return {
+            "image_tokens": pa.FixedSizeListArray.from_arrays(
+                pa.array(flat.reshape(-1)), h * w
+            ).cast(pa.list_(pa.int32())),
+            "grid_h": pa.array(np.full(n, h, np.int32)),
+            "grid_w": pa.array(np.full(n, w, np.int32)),
+        }
 
 
 # --- the stage ----------------------------------------------------------------------------------------
@@ -264,12 +178,14 @@ class Pretokenize(Stage):
     type = "pretokenize"
     version = "1"
     description = (
-        "Encode images with a VQ-GAN and captions with BPE into a Parquet token table (Ray Data)."
+        "Encode images with a VQ-GAN and captions with BPE into a Parquet token table, "
+        "rows in input order (Ray Data)."
     )
     Params = PretokenizeParams
     inputs = {"shards": "shards", "model": "model"}
     outputs = {"tokens": "table", "text_tokenizer": "tokenizer"}
-    resources = Resources(cpus=1, workers=1)  # per encoding actor; readers take READ_CPUS each
+    # per encoding actor; the reading actors take inference.READ_CPUS each
+    resources = Resources(cpus=1, workers=1)
 
     def run(self, ctx: StageContext) -> None:
         import ray
@@ -285,12 +201,6 @@ class Pretokenize(Stage):
         shards = list_shards(ctx.storage, ctx.inputs["shards"].uri)
         if not shards:
             raise ValueError(f"no .tar shards in {ctx.inputs['shards'].uri}")
-        for name in (
-            "tokens",
-            "text_tokenizer",
-        ):  # leftovers of an interrupted attempt would mix in
-            ctx.storage.delete(ctx.outputs[name])
-        ctx.storage.delete(ctx.work("bad"))
 
         start = time.monotonic()
         build = ray.remote(build_text_tokenizer).options(num_cpus=1)
@@ -319,23 +229,23 @@ class Pretokenize(Stage):
         }
         print(f"[{ctx.stage}] {len(shards)} shards -> {vq.get('arch')} codes ({grid}x{grid} of "
               f"{cfg['codebook_size']}), BPE of {tok_meta['vocab_size']} ({tok_meta['source']})", flush=True)  # fmt: skip
-        encode_shards(
-            ctx, shards, p, model_in.uri, cfg["image_size"], tok["json"], token_schema(metadata)
-        )
+        # rows in input order (preserve_order): row numbers mean something
+        report = run_inference(
+            shards, ctx.storage, reader=ImageTextReader,
+            reader_kwargs={"image_size": cfg["image_size"], "tokenizer_json": tok["json"]},
+            model=Encoder, model_kwargs={"model_uri": model_in.uri}, out_uri=ctx.outputs["tokens"],
+            bad_uri=ctx.work("bad"), resources=ctx.resources, batch_size=p.batch_size,
+            read_workers=p.read_workers, schema=token_schema(metadata),
+            rows_per_file=p.rows_per_file, preserve_order=True,
+        )  # fmt: skip
         encoded = time.monotonic()
 
-        files = table_files(ctx.outputs["tokens"])
-        rows = sum(_num_rows(ctx.storage, f) for f in files)
-        bad = [b for f in ctx.storage.ls(ctx.work("bad")) for b in ctx.storage.read_json(f.uri)]
-        reasons = Counter(b["error"].split(":")[0] for b in bad)
-        listed = {
-            r: [b["key"] for b in bad if b["error"].split(":")[0] == r][:100] for r in reasons
-        }
+        rows, files = report.num_rows, report.files
         timing = {"tokenizer_s": tokenized - start, "encode_s": encoded - tokenized}
-        ctx.log_metrics({"num_rows": rows, "num_bad": len(bad), **{f"bad_{r}": n for r, n in reasons.items()},
+        ctx.log_metrics({"num_rows": rows, **report.bad_metrics(),
                          "rows_per_s": rows / max(timing["encode_s"], 1e-9), **timing})  # fmt: skip
         ctx.record_output("tokens", num_rows=rows, num_files=len(files), format="parquet",
-                          columns=token_schema().names, bad_samples=listed,
+                          columns=token_schema().names, bad_samples=report.bad_keys,
                           **{k: v for k, v in metadata.items() if k != "format"})  # fmt: skip
         ctx.record_output("text_tokenizer", **tok_meta, file="tokenizer.json")
         ctx.log_artifact(materialize(ctx.outputs["text_tokenizer"], ctx.storage), None)
@@ -345,7 +255,7 @@ class Pretokenize(Stage):
             )
             ctx.log_image(sheet, "round_trip")
         print(f"[{ctx.stage}] {rows} rows in {len(files)} files ({timing['encode_s']:.0f}s), "
-              f"{len(bad)} bad samples {dict(reasons) or ''}", flush=True)  # fmt: skip
+              f"{report.num_bad} bad samples {dict(report.bad) or ''}", flush=True)  # fmt: skip
 
 
 def _preview(tokens_uri: str, n: int):
@@ -353,8 +263,3 @@ def _preview(tokens_uri: str, n: int):
     from mmflow.decode import contact_sheet_of, decode_rows
 
     return contact_sheet_of(decode_rows(tokens_uri, rows=list(range(n))))
-
-
-def _num_rows(storage: Storage, uri: str) -> int:
-    with storage.open_input(uri) as f:
-        return pq.ParquetFile(f).metadata.num_rows

@@ -2,7 +2,8 @@
 
 Each image holds one or two shapes (circle, square, triangle, diamond) of a
 colour and size at a position on a plain background; its caption comes from a
-varied set of templates. A ``mismatch_fraction`` of captions deliberately
+varied set of templates (the vocabulary and templates live in
+``mmflow.data.shapes_vocab``). A ``mismatch_fraction`` of captions deliberately
 describe another scene, so that CLIP filtering can be scored against ground
 truth. Every sample is a function of ``(seed, sample index)`` only, so output is
 identical however the work is split into shards or retried.
@@ -21,42 +22,10 @@ from PIL import Image, ImageDraw
 from pydantic import Field, model_validator
 
 from mmflow.data.images import contact_sheet
+from mmflow.data.shapes_vocab import BACKGROUNDS, COLORS, ONE, POSITIONS, SHAPES, SIZES, TWO
 from mmflow.data.shards import ShardWriter, map_shards, sample_key, shard_name
 from mmflow.stage import Params, Resources, Stage, StageContext, register
 from mmflow.storage import Storage
-
-SHAPES = ("circle", "square", "triangle", "diamond")
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (150, 60, 190),
-    "orange": (245, 140, 30),
-}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
-SIZES = {"small": 0.22, "large": 0.38}  # radius as a fraction of the image side
-POSITIONS = {  # centre in unit coordinates
-    "top left": (0.28, 0.28),
-    "top right": (0.72, 0.28),
-    "bottom left": (0.28, 0.72),
-    "bottom right": (0.72, 0.72),
-    "center": (0.5, 0.5),
-}
-ONE = (
-    "a {size} {color} {shape}",
-    "a {color} {shape} on a {bg} background",
-    "a photo of a {color} {shape} in the {position}",
-    "a {size} {color} {shape} in the {position} of a {bg} image",
-    "an image showing one {color} {shape}",
-    "{color} {shape}, {size}, {bg} background",
-)
-TWO = (
-    "a {color} {shape} and a {color2} {shape2}",
-    "two shapes: a {size} {color} {shape} and a {size2} {color2} {shape2}",
-    "a {color} {shape} next to a {color2} {shape2} on a {bg} background",
-    "a picture of a {color2} {shape2} and a {color} {shape}",
-)
 
 
 class SynthShapesParams(Params):
@@ -212,6 +181,7 @@ class SynthShapes(Stage):
     Params = SynthShapesParams
     outputs = {"shards": "shards"}
     resources = Resources(cpus=1, workers=0)  # workers=0: as many shard tasks as the cluster fits
+    resumable = True  # finished shards (with their _stats.json) are kept and skipped
 
     def run(self, ctx: StageContext) -> None:
         p: SynthShapesParams = ctx.params

@@ -60,6 +60,12 @@ class TrainTask:
         gathered weights; with DeepSpeed bf16 at ZeRO 0-2 its weights are bf16."""
         return {}
 
+    def data_counters(self) -> dict[str, int]:
+        """This rank's counts about its data (e.g. ``samples_seen``, ``skipped_<reason>``),
+        read on every rank at the end of training; ``fit`` returns their sums over ranks as
+        ``data/<name>``."""
+        return {}
+
     def save(self, model: nn.Module, out_dir: str) -> None:
         """Write the final model files into the local folder ``out_dir`` (rank 0, same model
         as ``evaluate`` gets); the harness uploads them."""

@@ -65,7 +65,8 @@ class DDPEngine:
             torch.save({k: getattr(self, k).state_dict() for k in parts}, f"{local_dir}/state.pt")
 
     def load(self, local_dir: str) -> None:
-        state = torch.load(f"{local_dir}/state.pt", map_location=self.device)
+        # plain tensors and numbers only: nothing in a checkpoint folder is unpickled as code
+        state = torch.load(f"{local_dir}/state.pt", map_location=self.device, weights_only=True)
         for k, v in state.items():
             getattr(self, k).load_state_dict(v)
 
@@ -79,6 +80,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if device.type == "cpu":
+            _no_shm_extension()
         self.cfg, self.device = cfg, device
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -134,6 +137,23 @@ class DeepSpeedEngine:
         path, _ = self.engine.load_checkpoint(local_dir, tag="ds")
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {local_dir}")
+
+
+def _no_shm_extension() -> None:
+    """On CPU, DeepSpeed's communication backend compiles a C++ shared-memory all-reduce
+    (``deepspeed_shm_comm``) on first use: minutes on a small machine, and a compile killed
+    half-way leaves a lock file that hangs the next run. Its gloo fallback, already in torch,
+    does the same reductions, and the shm kernel is only an intra-node speed-up (GPU runs use
+    NCCL and never build it). So mmflow does without it; if DeepSpeed's internals move, the
+    default stays."""
+    import importlib
+
+    try:  # by module path: `deepspeed.comm.torch` as an attribute is the torch package itself
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
+        if hasattr(ds_torch, "build_shm_op"):
+            ds_torch.build_shm_op = lambda: None
+    except ImportError:  # pragma: no cover - a future DeepSpeed
+        pass
 
 
 def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:

@@ -32,7 +32,7 @@ class Epochs:
             if cache is not None:
                 cache.append(example)
                 budget -= self.size(example)
-                cache = cache if budget > 0 else None
+                cache = cache if budget >= 0 else None
             buffer.append(example)
             if len(buffer) >= self.shuffle_buffer:
                 i = rng.randrange(len(buffer))

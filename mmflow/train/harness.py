@@ -16,6 +16,8 @@ workers with DDP or DeepSpeed (ZeRO 0-3) and takes care of the rest:
   checkpoint steps and at the end (each ``ray.train.report`` is a barrier that may wait
   ~2 s for the controller, too slow for every log step).
 - progress: rank 0 prints a line at most every 5 s and at the end.
+- data counts: each rank's ``task.data_counters()`` (samples read, skipped by reason) are
+  summed over ranks at the end and returned as ``data/<name>``.
 
 ``ray.init`` is the caller's business; ``fit`` uses whatever cluster is there.
 """
@@ -45,13 +47,20 @@ _END = object()
 
 
 def fit(
-    task: TrainTask, cfg: TrainConfig, ctx: StageContext, model_output: str | None = "model"
+    task: TrainTask,
+    cfg: TrainConfig,
+    ctx: StageContext,
+    model_output: str | None = "model",
+    datasets: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train ``task`` on Ray Train workers, resuming from ``ctx.work("checkpoints")`` if a
     checkpoint is there, and upload ``task.save``'s files to ``ctx.outputs[model_output]``.
+    ``datasets`` (Ray Data) stream to the workers, each reading its own shard with
+    ``ray.train.get_dataset_shard(name)`` in ``task.train_batches``: no worker holds a copy.
 
-    Returns the final metrics: ``step``, ``train/loss`` and the ``eval/*`` of the final model
-    (the MLflow history is already logged; ``ctx.metrics`` is left to the stage). Raises
+    Returns the final metrics: ``step``, ``train/loss``, the ``eval/*`` of the final model and
+    ``data/<name>``, each of ``task.data_counters()`` summed over ranks (the MLflow history is
+    already logged; ``ctx.metrics`` is left to the stage). Raises
     ``ray.train.TrainingFailedError`` once workers failed more than ``cfg.max_failures`` times.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -86,6 +95,7 @@ def fit(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
+        datasets=datasets,
     )
     return dict(trainer.fit().return_value or {})
 
@@ -125,7 +135,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     _seed(cfg.seed + 1_000_003 * rank + step)  # per rank, and reproducible on resume
     tracker = _Tracker(config["tracking_uri"], config["run_id"] if rank == 0 else None)
     progress = _Progress(cfg.max_steps, step, enabled=rank == 0)
-    window = _Window(cfg, world, device)
+    window = _Window(cfg, world, device, getattr(task, "tokens_per_sample", None))
     batches = iter(task.train_batches(rank, world, step))
     last = {"train/loss": resumed["train_loss"]} if resumed.get("train_loss") is not None else {}
 
@@ -158,7 +168,9 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
         with tempfile.TemporaryDirectory(prefix="mmflow-model-") as tmp:
             task.save(model, tmp)
             Storage().upload_dir(tmp, config["model_uri"])
+    counters = _sum_over_ranks(task.data_counters())
     final = {"step": float(step), **{k: v for k, v in last.items() if k == "train/loss"}, **evals}
+    final.update({f"data/{k}": float(v) for k, v in counters.items()})
     _ray_report(final, step)  # after the upload: a barrier, so no rank returns before it is done
     progress.update(step, last.get("train/loss"), force=True)
     return final if rank == 0 else None
@@ -187,11 +199,30 @@ def _evaluate(task: TrainTask, model: nn.Module | None, cfg: TrainConfig, device
     return out
 
 
+def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Every rank's counts summed, on every rank (a collective: all ranks call it). Ranks may
+    name different keys (a reason only one of them met), hence objects, not one tensor."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return dict(counts)
+    every: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, dict(counts))
+    total: dict[str, int] = {}
+    for rank_counts in every:
+        for k, v in (rank_counts or {}).items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
 class _Window:
     """Train metrics since the last log line; the loss is averaged over all ranks."""
 
-    def __init__(self, cfg: TrainConfig, world: int, device: torch.device):
+    def __init__(
+        self, cfg: TrainConfig, world: int, device: torch.device, tokens: int | None = None
+    ):
         self.samples_per_step = cfg.batch_size * cfg.grad_accum * world
+        self.tokens_per_sample = tokens  # sequence models: tokens/s beside samples/s
         self.steps_per_micro = 1.0 / cfg.grad_accum
         self.device = device
         self._reset()
@@ -219,6 +250,8 @@ class _Window:
             "train/samples_per_s": steps_per_s * self.samples_per_step,
             **{f"train/{k}": v / self.n for k, v in self.extra.items()},
         }
+        if self.tokens_per_sample:
+            out["train/tokens_per_s"] = out["train/samples_per_s"] * self.tokens_per_sample
         self._reset()
         return out
 

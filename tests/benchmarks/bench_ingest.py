@@ -201,6 +201,7 @@ def run_mmflow(url_list: str, work: str, a) -> dict:
                   extract_exif: true
                   timeout: 10
                   preview: 16
+                  refuse_private_addresses: false  # the benchmark server is on loopback
                 resources: {{cpus: 1, workers: {a.processes}}}
             """)
         )

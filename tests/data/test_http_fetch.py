@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -129,3 +132,88 @@ def test_http_proxy_from_the_environment(srv, monkeypatch):
     before = srv.hits["__proxied__"]
     assert fetch("http://images.example.invalid/img/3.jpg") == jpeg(3)
     assert srv.hits["__proxied__"] == before + 1
+
+
+class _Redirector(BaseHTTPRequestHandler):
+    """On 127.0.0.1: 302 to the ``to`` query parameter (any host), counting requests."""
+
+    hits: list = []
+
+    def do_GET(self):
+        _Redirector.hits.append(self.path)
+        to = parse_qs(urlsplit(self.path).query)["to"][0]
+        self.send_response(302)
+        self.send_header("Location", to)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def redirector():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Redirector.hits = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+PRIVATE = {
+    "http://127.0.0.2:9/x.jpg": "loopback",
+    "http://2130706434:9/x.jpg": "loopback",  # 127.0.0.2 in decimal
+    "http://[::1]:9/x.jpg": "loopback",
+    "http://[::ffff:127.0.0.2]:9/x.jpg": "loopback",
+    "http://169.254.169.254/latest/meta-data/": "link-local",
+    "http://[fd00:ec2::254]/latest/meta-data/": "private",
+    "http://100.100.100.200/latest/meta-data/": "non-global",
+    "http://10.1.2.3/x.jpg": "private",
+    "http://192.168.0.1/x.jpg": "private",
+    "http://0.0.0.0:9/x.jpg": "unspecified",
+}
+
+
+@pytest.mark.parametrize("url", PRIVATE)
+def test_private_addresses_are_refused_before_connecting(url, monkeypatch):
+    """Refused from the resolved address, before any connection (none is even attempted)."""
+
+    def no_connect(*a, **k):
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(socket, "create_connection", no_connect)
+    e = failure(url, refuse_private_addresses=True)
+    assert e.kind == "private_address" and e.message.endswith(f"({PRIVATE[url]})")
+
+
+def test_private_addresses_are_refused_on_every_hop(redirector, srv):
+    """A public-looking first hop (127.0.0.1 allowed here) redirecting to a private address:
+    the redirect target is refused, never requested."""
+    opts = {"refuse_private_addresses": True, "allow_networks": ("127.0.0.1/32",)}
+    for target in ("http://127.0.0.2:9/x.jpg", "http://169.254.169.254/latest/meta-data/"):
+        e = failure(f"{redirector}/r?to={target}", **opts)
+        assert e.kind == "private_address", e
+    assert len(_Redirector.hits) == 2
+    # the allowed network is fetched, also after a redirect to it
+    assert fetch(f"{redirector}/r?to={srv.url('/img/3.jpg')}", **opts) == jpeg(3)
+    # and with the option off (the default for the library), loopback is fetched as before
+    assert fetch(f"{redirector}/r?to={srv.url('/img/4.jpg')}") == jpeg(4)
+
+
+def test_a_garbled_status_line_is_not_echoed():
+    """http.client puts what the server sent into its exceptions: the message keeps the type."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"SECRET-BODY-BYTES not http at all\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    e = failure(f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg", retries=0)
+    listener.close()
+    assert e.kind == "protocol" and "SECRET" not in str(e), e

@@ -115,3 +115,56 @@ def test_a_type_clash_between_files_is_named(tmp_path):
     uris, _ = expand_uris(Storage(), str(tmp_path), (".parquet",))
     with pytest.raises(ValueError, match="b.parquet"):
         split_url_list(Storage(), uris, ListSpec(extra_columns=("n",)), 10, str(tmp_path / "o"))
+
+
+def _errors(table: pa.Table) -> dict[int, str]:
+    """Position in the list -> the bad-row message."""
+    return {i: e for i, e in enumerate(table.column("__error").to_pylist()) if e}
+
+
+def test_bad_tsv_rows_past_the_first_block_are_counted_rows(tmp_path):
+    """A stray tab and a latin-1 caption, 5 MB into a CC12M-style TSV (pyarrow's blocks are
+    4 MB): each is a bad row in place, naming file and line; every other row is read."""
+    good = [f"http://h/{i}.jpg\tcaption number {i:06d} with some words\n" for i in range(100_000)]
+    lines = [line.encode() for line in good]
+    lines[90_000] = b"http://h/stray.jpg\tcap\twith a tab\n"
+    lines[95_000] = b"http://h/latin.jpg\tcaf\xe9 au lait\n"
+    path = tmp_path / "cc12m.tsv"
+    path.write_bytes(b"".join(lines))
+    spec = ListSpec(column_names=("url", "caption"))
+    table = pa.concat_tables(iter_url_batches(Storage(), str(path), spec, batch_rows=8192))
+    assert table.num_rows == 100_000
+    errors = _errors(table)
+    assert set(errors) == {90_000, 95_000}
+    assert errors[90_000] == f"bad_row: {path} line 90001: 3 fields, not 2 (a stray tab?)"
+    assert errors[95_000] == f"bad_row: {path} line 95001: column 'caption' is not UTF-8"
+    urls = table.column("url").to_pylist()
+    assert urls[90_000] is None and urls[89_999] == "http://h/89999.jpg"
+    assert urls[99_999] == "http://h/99999.jpg"
+
+
+def test_bad_csv_rows_name_their_physical_line(tmp_path):
+    path = tmp_path / "l.csv"
+    path.write_bytes(
+        b'url,caption\nhttp://a/1.jpg,"two\nlines"\nhttp://a/2.jpg,"bad \xff byte"\n'
+        b"http://a/3.jpg,a,b\n\nhttp://a/4.jpg,fine\n"
+    )
+    table = pa.concat_tables(iter_url_batches(Storage(), str(path), ListSpec()))
+    assert table.column("url").to_pylist() == ["http://a/1.jpg", None, None, "http://a/4.jpg"]
+    assert _errors(table) == {
+        1: f"bad_row: {path} line 4: column 'caption' is not UTF-8",
+        2: f"bad_row: {path} line 5: 3 fields, not 2 (a stray comma or quote?)",
+    }
+
+
+def test_bad_jsonl_lines_are_rows_too(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_bytes(
+        b'{"url": "u1", "caption": "c"}\n{broken\n[1, 2]\n{"url": "u2", "caption": "\xe9"}\n'
+    )
+    table = pa.concat_tables(iter_url_batches(Storage(), str(path), ListSpec()))
+    assert table.column("url").to_pylist() == ["u1", None, None, None]
+    errors = _errors(table)
+    assert errors[1].startswith(f"bad_row: {path} line 2: not JSON")
+    assert errors[2] == f"bad_row: {path} line 3: not a JSON object"
+    assert errors[3] == f"bad_row: {path} line 4: column 'caption' is not UTF-8"

@@ -83,7 +83,8 @@ def test_cli_every_failure_kind_sigkill_rerun_each_good_image_once(tmp_path, wri
         ingest:
           type: ingest_urls
           params: {samples_per_shard: 40, image_size: 16, threads: 4, retries: 1,
-                   retry_backoff: 0.1, extra_columns: [expect], preview: 8}
+                   retry_backoff: 0.1, extra_columns: [expect], preview: 8,
+                   refuse_private_addresses: false}
           resources: {workers: 1}
     """)
     args = ["run", pipe, "--set", f"ingest.params.url_list={url_list}",
@@ -158,7 +159,8 @@ def test_retry_failed_from_refetches_only_transient_failures(
         ingest:
           type: ingest_urls
           params: {{url_list: {url_list}, samples_per_shard: 16, image_size: 16, retries: 0,
-                   keep_original: true, resize_mode: "no", preview: 0}}
+                   keep_original: true, resize_mode: "no", preview: 0,
+                   refuse_private_addresses: false}}
     """)
     first = Runner(load_pipeline(pipe))
     first.run()
@@ -226,9 +228,92 @@ def test_a_shard_that_raises_is_retried_in_place(tmp_path):
 
         timer = threading.Timer(0.5, appear)
         timer.start()
-        p = IngestUrlsParams(url_list="x", samples_per_shard=5, image_size=16, shard_retries=1)
+        p = IngestUrlsParams(
+            url_list="x",
+            samples_per_shard=5,
+            image_size=16,
+            shard_retries=1,
+            refuse_private_addresses=False,  # the loopback server
+        )
         stats = ingest_shard(0, ShardJob(inputs, folder, None, p.shard_config(), st))
         timer.join()
     assert stats["shard_attempt"] == 2 and stats["successes"] == 5
     with pytest.raises(FileNotFoundError):  # the bound holds: no input, no endless retries
         ingest_shard(1, ShardJob(inputs, folder, None, p.shard_config(), st))
+
+
+def test_bad_list_rows_are_counted_failures_of_the_shard(tmp_path):
+    """A bad TSV row keeps its key and becomes a failed_to_download row naming file and line."""
+    from mmflow.data.ingest_sources import ListSpec, split_url_list
+
+    st, inputs, folder = Storage(), str(tmp_path / "in"), str(tmp_path / "out")
+    with LoopbackServer() as s:
+        lines = [f"{s.url(f'/img/{i}.jpg')}\tcaption {i}\n".encode() for i in range(4)]
+        lines[1] = b"http://h/x.jpg\tcaf\xe9\n"
+        lines[2] = b"http://h/y.jpg\ta\tb\n"
+        (tmp_path / "list.tsv").write_bytes(b"".join(lines))
+        spec = ListSpec(column_names=("url", "caption"))
+        split_url_list(st, [str(tmp_path / "list.tsv")], spec, 4, inputs)
+        p = IngestUrlsParams(
+            url_list="x", samples_per_shard=4, image_size=16, refuse_private_addresses=False
+        )
+        stats = ingest_shard(0, ShardJob(inputs, folder, None, p.shard_config(), st))
+    assert stats["successes"] == 2 and stats["error_counts"] == {"bad_row": 2}
+    rows = {r["key"]: r for r in read_index(st, folder).to_pylist()}
+    assert [rows[key_for(0, i, 4)]["status"] for i in range(4)] == [
+        "success", "failed_to_download", "failed_to_download", "success"
+    ]  # fmt: skip
+    assert rows[key_for(0, 1, 4)]["error_message"].endswith(
+        "list.tsv line 2: column 'caption' is not UTF-8"
+    )
+    assert "list.tsv line 3: 3 fields" in rows[key_for(0, 2, 4)]["error_message"]
+
+
+def test_web_lists_refuse_private_addresses_by_default(tmp_path):
+    """On by default: a list row pointing at loopback or cloud metadata is a counted failure
+    and the server sees no request; error messages hold no body bytes."""
+    st, inputs, folder = Storage(), str(tmp_path / "in"), str(tmp_path / "out")
+    with LoopbackServer() as s:
+        urls = [s.url("/img/0.jpg"), "http://169.254.169.254/latest/meta-data/", s.url("/html/1")]
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * 3}), buf)
+        st.write_atomic(shard_input_uri(inputs, 0), buf.getvalue())
+        p = IngestUrlsParams(url_list="x", samples_per_shard=3, image_size=16, retries=0)
+        assert p.refuse_private_addresses
+        stats = ingest_shard(0, ShardJob(inputs, folder, None, p.shard_config(), st))
+        assert stats["error_counts"] == {"private_address": 3}
+        assert s.hits == {}, s.hits  # nothing reached the server
+        off = IngestUrlsParams(url_list="x", samples_per_shard=3, image_size=16, retries=0,
+                               allow_networks=["127.0.0.0/8"])  # fmt: skip
+        stats = ingest_shard(
+            0, ShardJob(inputs, str(tmp_path / "o2"), None, off.shard_config(), st)
+        )
+    assert stats["successes"] == 1
+    rows = read_index(st, str(tmp_path / "o2")).to_pylist()
+    errors = sorted(r["error_message"] for r in rows if r["error_message"])
+    assert errors[0] == "not_image: HTML content, not a supported image"  # no body bytes
+    assert errors[1] == "private_address: the host resolves to a non-public address (link-local)"
+
+
+def _dies_after_its_stats(shard: int, folder: str, attempts: str) -> dict:
+    """A shard task whose worker dies right after publishing the stats (before returning)."""
+    os.makedirs(attempts, exist_ok=True)
+    n = len(os.listdir(attempts)) + 1
+    open(os.path.join(attempts, str(n)), "w").close()
+    if n == 1:
+        from mmflow.data.shards import stats_uri
+
+        Storage().write_json(stats_uri(folder, shard), {"count": 1, "successes": 1, "attempt": 1})
+        os._exit(1)
+    return {"count": 1, "successes": 1, "attempt": n}  # a refetch
+
+
+def test_a_task_retried_after_its_stats_returns_them(tmp_path, ray_session):
+    """Ray retries the task whose worker died; the retry finds the stats and fetches nothing."""
+    from mmflow.data.shards import map_shards
+
+    folder, attempts = str(tmp_path / "out"), str(tmp_path / "attempts")
+    os.makedirs(folder)
+    stats = map_shards(_dies_after_its_stats, [0], folder, args=(folder, attempts), desc="t")
+    assert stats == [{"count": 1, "successes": 1, "attempt": 1}]
+    assert sorted(os.listdir(attempts)) == ["1"]

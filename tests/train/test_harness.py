@@ -287,3 +287,23 @@ def test_absolute_tracking_uri(tmp_path, monkeypatch):
     assert absolute_tracking_uri("mlruns") == f"{tmp_path}/mlruns"
     for uri in ("sqlite:////abs/m.db", "http://mlflow:5000", "file:///abs/mlruns", ""):
         assert absolute_tracking_uri(uri) == uri
+
+
+class CountingRegression(Regression):
+    """Each rank counts the batches it made and one skip reason of its own."""
+
+    def train_batches(self, rank, world_size, start_step):
+        self.batches, self.rank = 0, rank
+        for batch in super().train_batches(rank, world_size, start_step):
+            self.batches += 1
+            yield batch
+
+    def data_counters(self):
+        return {"samples_seen": self.batches * self.batch_size, f"skipped_rank{self.rank}": 1}
+
+
+def test_data_counters_are_summed_over_ranks(ray_cluster, tmp_path):
+    cfg = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, checkpoint_every=0, log_every=1)
+    final = fit(CountingRegression(str(tmp_path), batch_size=4), cfg, make_ctx(tmp_path))
+    assert final["data/samples_seen"] == 2 * 3 * 4  # 2 ranks, 3 steps of 4
+    assert final["data/skipped_rank0"] == final["data/skipped_rank1"] == 1

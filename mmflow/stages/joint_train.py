@@ -1,0 +1,250 @@
+"""``joint_train``: one decoder over caption and image tokens, trained with DeepSpeed.
+
+Inputs: the ``pretokenize`` token table (its metadata gives the codebook, the grid and the
+caption tokenizer), optionally the VQ-GAN that made it (else the table's metadata names
+it), and optionally the shards the table was made from, whose ``synth_shapes`` ground truth
+makes the judged figures possible. The table streams through Ray Data to the workers, held-out
+keys filtered out; the task (:mod:`mmflow.tasks.joint`) builds text->image sequences and, for
+``i2t_share`` of them, image->text ones, and drops ``cond_dropout`` of the captions for
+classifier-free guidance. The harness runs it: DeepSpeed (ZeRO stage, precision, gradient
+accumulation from ``train``) by default, DDP on request; checkpoints and resume; with ZeRO-3
+the final model is gathered into one plain state dict.
+
+Held-out figures (``mmflow status``): ``val_text_nll``, ``val_image_nll``; with ground
+truth ``t2i_color_match``, ``t2i_shape_match``, ``t2i_match`` (guided) and their
+``_noguide`` twins, ``i2t_match``, and the judge's own ``judge_acc`` on real pictures.
+
+Output ``model``: a folder :func:`mmflow.generate.joint.load_painter` reads (safetensors,
+``joint.json``, the caption tokenizer); also logged and registered in MLflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mmflow.data.shards import list_shards
+from mmflow.data.token_table import read_metadata, table_files
+from mmflow.export.mlflow import publish_model
+from mmflow.params import Params
+from mmflow.stage import Resources, Stage, StageContext, register
+from mmflow.tasks.evaluation import stage_metrics
+from mmflow.train import TrainConfig, fit
+from mmflow.train.harness import absolute_tracking_uri
+
+
+class JointTrainConfig(TrainConfig):
+    """The harness's config, DeepSpeed by default, sized for the quickstart on two CPUs."""
+
+    strategy: Literal["ddp", "deepspeed"] = "deepspeed"
+    max_steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1, description="micro batch per worker")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(40, ge=0)
+    checkpoint_every: int = Field(200, ge=0)
+    eval_every: int = Field(0, ge=0)
+    log_every: int = Field(20, ge=1)
+
+
+class SamplingParams(Params):
+    """How pictures are drawn at evaluation (logged as the run's params)."""
+
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance; 1 = none")
+    seed: int = 0
+
+    def build(self):
+        from mmflow.generate.sampling import SamplingConfig
+
+        return SamplingConfig(**self.model_dump())
+
+
+class JointTrainParams(Params):
+    arch: str = Field("joint-tiny", description="architecture (models/configs/joint/*.json)")
+    model_cfg: dict[str, Any] | None = Field(None, description="architecture fields to override")
+    train: JointTrainConfig = Field(default_factory=JointTrainConfig)
+    i2t_share: float = Field(0.3, ge=0, le=1, description="share of image->text sequences")
+    cond_dropout: float = Field(0.1, ge=0, lt=1, description="captions dropped (guidance)")
+    text_loss_weight: float = Field(1.0, ge=0)
+    image_loss_weight: float = Field(1.0, ge=0)
+    max_text_len: int | None = Field(
+        None, ge=1, description="caption tokens per sequence; default: the table's longest"
+    )
+    activation_checkpointing: bool = False
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of keys held out")
+    val_rows: int = Field(512, ge=0, description="held-out rows for the validation NLL")
+    eval_prompts: int = Field(128, ge=0, description="held-out single-object prompts drawn")
+    eval_captions: int = Field(128, ge=0, description="held-out pictures captioned")
+    judge_steps: int = Field(300, ge=1, description="attribute judge training steps")
+    judge_images: int = Field(3000, ge=1, description="real pictures the judge trains on")
+    shuffle_buffer: int = Field(2048, ge=1, description="rows shuffled together per worker")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    preview: int = Field(16, ge=0, description="drawn pictures in the logged grid")
+    registered_model_name: str | None = Field(
+        None, description="MLflow registry name; default '{pipeline}-{stage}'; '' = none"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> JointTrainParams:
+        self.model_config_()  # an unknown architecture or field fails at load
+        return self
+
+    def model_config_(self):
+        from mmflow.models.joint import joint_config
+
+        return joint_config(self.arch, self.model_cfg)
+
+
+def _table_facts(ctx: StageContext) -> tuple[list[str], dict[str, str]]:
+    tokens = ctx.inputs["tokens"]
+    files = table_files(tokens.uri)
+    if not files:
+        raise ValueError(f"no Parquet files in {tokens.uri} (a pretokenize `tokens` output?)")
+    with ctx.storage.open_input(files[0]) as f:
+        import pyarrow.parquet as pq
+
+        meta = read_metadata(pq.ParquetFile(f).schema_arrow)
+    for needed in ("codebook_size", "grid_h", "grid_w", "text_vocab_size", "text_tokenizer_uri"):
+        if needed not in meta:
+            raise ValueError(f"{tokens.uri}: the table's metadata has no {needed!r}")
+    return files, meta
+
+
+def _longest_caption(files: list[str]) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from mmflow.storage import filesystem
+
+    fs, _ = filesystem(files[0])
+    col = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs).to_table(["text_ids"])
+    return int(pc.max(pc.list_value_length(col["text_ids"])).as_py() or 1)
+
+
+def _read_training_rows(batch, holdout_fraction: float):
+    """One table file at a time (a Ray Data task), row group by row group, minus held-out keys."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmflow.data.holdout import is_held_out
+    from mmflow.storage import Storage
+
+    storage = Storage()
+    for uri in batch["uri"].to_pylist():
+        with storage.open_input(uri) as f:
+            pf = pq.ParquetFile(f)
+            for group in range(pf.num_row_groups):
+                t = pf.read_row_group(group, columns=["key", "text_ids", "image_tokens"])
+                keep = [not is_held_out(k, holdout_fraction) for k in t["key"].to_pylist()]
+                yield t.filter(pa.array(keep, pa.bool_()))
+
+
+def training_rows(files: list[str], holdout_fraction: float):
+    """The table's rows minus the held-out keys, as a Ray Dataset streamed to the workers.
+
+    Built from the file list, not ``read_parquet``: its file-listing step reserves a CPU that
+    the training workers already hold (a deadlock on a machine they fill), and reading a
+    token table is light next to a training step, so every step here reserves none."""
+    import ray
+
+    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(
+        _read_training_rows,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,
+        fn_kwargs={"holdout_fraction": holdout_fraction},
+    )
+    # the harness shows progress and rates; Ray Data's own lines every epoch would drown them
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    return ds
+
+
+@register
+class JointTrain(Stage):
+    type = "joint_train"
+    version = "1"
+    description = "Train one decoder over caption and image tokens (DeepSpeed), both directions."
+    Params = JointTrainParams
+    inputs = {"tokens": "table", "vqgan": "model", "shards": "shards"}
+    optional_inputs = frozenset({"vqgan", "shards"})  # else the table's VQ-GAN; no judge
+    outputs = {"model": "model"}
+    resources = Resources(cpus=2, workers=1)
+    resumable = True  # a rerun resumes from the newest complete checkpoint in _work
+
+    def run(self, ctx: StageContext) -> None:
+        import ray
+
+        from mmflow.io.cache import materialize
+        from mmflow.models.joint import JointVocab
+        from mmflow.tasks.joint import JointTask
+        from mmflow.tasks.joint_eval import build_eval_set
+
+        p: JointTrainParams = ctx.params
+        files, meta = _table_facts(ctx)
+        vqgan_uri = ctx.inputs["vqgan"].uri if "vqgan" in ctx.inputs else meta["vqgan_uri"]
+        tok_dir = materialize(meta["text_tokenizer_uri"], ctx.storage)
+        with open(f"{tok_dir}/tokenizer.json", encoding="utf-8") as f:
+            tokenizer_json = f.read()
+        grid_h, grid_w = int(meta["grid_h"]), int(meta["grid_w"])
+        vocab = JointVocab(
+            text_vocab=int(meta["text_vocab_size"]),
+            codebook_size=int(meta["codebook_size"]),
+            image_tokens=grid_h * grid_w,
+            max_text_len=p.max_text_len or _longest_caption(files),
+        )
+        cfg = p.model_config_()
+        shards = (
+            list_shards(ctx.storage, ctx.inputs["shards"].uri) if "shards" in ctx.inputs else None
+        )
+        threads = max(1, int(ctx.resources.cpus))
+        prepare = ray.remote(build_eval_set).options(num_cpus=ctx.resources.cpus)
+        eval_set, judge, seen = ray.get(
+            prepare.remote(
+                files, shards, tokenizer_json, holdout_fraction=p.holdout_fraction,
+                max_text_len=vocab.max_text_len, image_size=int(meta.get("image_size", 32)),
+                val_rows=p.val_rows, prompts=p.eval_prompts, captions=p.eval_captions,
+                judge_steps=p.judge_steps, judge_train_images=p.judge_images, threads=threads,
+            )
+        )  # fmt: skip
+        if judge:
+            ctx.log_metrics(judge)
+        print(f"[{ctx.stage}] {p.arch}: {cfg.num_params(vocab.size) / 1e6:.2f}M params, "
+              f"sequences of {vocab.seq_len} tokens; {len(eval_set.prompts)} held-out prompts, "
+              f"{len(eval_set.caption_codes)} pictures to caption; judge_acc "
+              f"{judge.get('judge_acc', float('nan')):.3f}", flush=True)  # fmt: skip
+        task = JointTask(
+            cfg=cfg, vocab=vocab, train=p.train, i2t_share=p.i2t_share,
+            cond_dropout=p.cond_dropout, shuffle_buffer=p.shuffle_buffer,
+            loss_weights={"text": p.text_loss_weight, "image": p.image_loss_weight},
+            sampling=p.sampling.build(), eval_set=eval_set, vqgan_uri=vqgan_uri,
+            tokenizer_json=tokenizer_json, activation_checkpointing=p.activation_checkpointing,
+            save_meta={"arch": p.arch, "vqgan_uri": vqgan_uri, "seen_text_ids": seen,
+                       "sampling": p.sampling.model_dump(),
+                       "token_table_fingerprint": ctx.inputs["tokens"].fingerprint},
+            threads=threads, preview=p.preview,
+            tracking_uri=absolute_tracking_uri(ctx.tracking_uri), run_id=ctx.run_id,
+        )  # fmt: skip
+        datasets = {"train": training_rows(files, p.holdout_fraction)}
+        final = fit(task, p.train, ctx, model_output="model", datasets=datasets)
+        # the eval names already say what they are: val_text_nll, t2i_match, i2t_match ...
+        ctx.log_metrics(stage_metrics(final, eval_prefix=""))
+        name = p.registered_model_name
+        name = f"{ctx.pipeline}-{ctx.stage}" if name is None else name
+        registered = publish_model(
+            ctx.outputs["model"], ctx.tracking_uri, ctx.run_id, name or None,
+            "mmflow joint-stream text+image transformer", storage=ctx.storage,
+        )  # fmt: skip
+        ctx.record_output(
+            "model", arch=p.arch, format="mmflow-joint", steps=int(final.get("step", 0)),
+            vocab_size=vocab.size, seq_len=vocab.seq_len, vqgan_uri=vqgan_uri,
+            load="mmflow.generate.joint.load_painter('<this folder>')", **registered,
+        )  # fmt: skip
+        shown = ("t2i_color_match", "t2i_match", "t2i_match_noguide", "i2t_match", "judge_acc")
+        summary = ", ".join(f"{k}={ctx.metrics[k]:.3f}" for k in shown if k in ctx.metrics)
+        print(f"[{ctx.stage}] trained {int(final.get('step', 0))} steps; {summary}", flush=True)
