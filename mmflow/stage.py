@@ -35,6 +35,10 @@ class Resources(BaseModel):
     gpus: float = 0.0  # per task / actor / training worker
     workers: int = 1  # parallel tasks, actor-pool size or training workers
 
+    def shard_tasks(self) -> dict[str, Any]:
+        """What these resources mean for ``map_shards``: CPUs per task, tasks at once."""
+        return {"cpus": self.cpus, "max_in_flight": self.workers or None}
+
 
 @dataclass(frozen=True)
 class Dataset:

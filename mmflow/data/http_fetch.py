@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import urljoin, urlsplit
 
+from mmflow.data.net import describe_error, is_disallowed, not_public  # noqa: F401
+
 DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 REDIRECTS = (301, 302, 303, 307, 308)
 TRANSIENT = frozenset({"timeout", "connection", "protocol", "dns_again"})
@@ -82,24 +84,6 @@ class FetchResult:
     url: str  # after redirects
     content_type: str | None
     attempts: int
-
-
-def is_disallowed(headers: Message, directives: tuple[str, ...], token: str | None) -> bool:
-    """True when an ``X-Robots-Tag`` header opts out, for everyone or for our token.
-
-    img2dataset's rule: a value is ``[token:] directive, directive``; it applies when it has no
-    token or names ours. Lines aimed at ``img2dataset`` apply too: we are a compatible downloader
-    and the site's intent is clear."""
-    wanted = {d.strip().lower() for d in directives}
-    ours = {t for t in (token and token.strip().lower(), "img2dataset") if t}
-    for value in headers.get_all("X-Robots-Tag") or []:
-        scope, sep, rest = value.partition(":")
-        target, names = (scope.strip().lower(), rest) if sep else (None, value)
-        if (target is None or target in ours) and wanted & {
-            d.strip().lower() for d in names.split(",")
-        }:
-            return True
-    return False
 
 
 class _Watch:
@@ -258,20 +242,22 @@ class Fetcher:
         except FetchError:
             raise
         except http.client.InvalidURL as e:
-            raise FetchError("invalid_url", _describe(e)) from None
+            raise FetchError("invalid_url", describe_error(e)) from None
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
             if watch.fired:
                 raise self._timeout() from None
             if not fresh:
                 raise FetchError("stale", "reused connection was closed") from None
-            raise FetchError("connection", _describe(e)) from None
+            raise FetchError("connection", describe_error(e)) from None
         except (OSError, http.client.HTTPException, ValueError) as e:
             if watch.fired or isinstance(e, TimeoutError):
                 raise self._timeout() from None
             bad_answer = isinstance(e, ValueError | http.client.HTTPException) and not isinstance(
                 e, http.client.IncompleteRead
             )
-            raise FetchError("protocol" if bad_answer else "connection", _describe(e)) from None
+            raise FetchError(
+                "protocol" if bad_answer else "connection", describe_error(e)
+            ) from None
         finally:
             if _REAPER.unwatch(watch) or not keep:
                 conn.close()
@@ -327,7 +313,7 @@ class Fetcher:
         allowed = [ipaddress.ip_network(n, strict=False) for n in self.opts.allow_networks]
         for info in infos:
             ip = ipaddress.ip_address(info[4][0].split("%")[0])
-            why = _not_public(ip)
+            why = not_public(ip)
             if why and not any(ip in net for net in allowed):
                 raise FetchError(
                     "private_address", f"the host resolves to a non-public address ({why})"
@@ -345,12 +331,14 @@ class Fetcher:
 
     def _connect_error(self, e: OSError) -> FetchError:
         if isinstance(e, socket.gaierror):
-            return FetchError("dns_again" if e.errno == socket.EAI_AGAIN else "dns", _describe(e))
+            return FetchError(
+                "dns_again" if e.errno == socket.EAI_AGAIN else "dns", describe_error(e)
+            )
         if isinstance(e, ssl.SSLError | ssl.CertificateError):
-            return FetchError("ssl", _describe(e))
+            return FetchError("ssl", describe_error(e))
         if isinstance(e, TimeoutError):
             return self._timeout()
-        return FetchError("connection", _describe(e))
+        return FetchError("connection", describe_error(e))
 
     def _idle(self) -> OrderedDict:
         idle = getattr(self._local, "idle", None)
@@ -396,23 +384,3 @@ def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
     if len(out) > limit:
         raise FetchError("too_large", f"decompressed body over max_bytes {limit}")
     return out
-
-
-def _not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """What kind of non-public address ``ip`` is; None for a globally routable one."""
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        return _not_public(mapped) or None
-    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
-        if getattr(ip, f"is_{kind}"):
-            return kind.replace("_", "-")
-    return None if ip.is_global else "non-global"
-
-
-def _describe(e: BaseException) -> str:
-    """An exception for a message. http.client's parse errors (``BadStatusLine``, ``LineTooLong``
-    ...) carry what the server sent: only their type is kept."""
-    if isinstance(e, http.client.HTTPException) and not isinstance(e, http.client.InvalidURL):
-        return type(e).__name__
-    text = str(e) or type(e).__name__
-    return f"{type(e).__name__}: {text}"[:300]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmflow.data.list_rows import ERROR, Readable, TextRows
 from mmflow.storage import Storage, filesystem, is_remote, join, normalize
 
 LIST_FORMATS = {
@@ -52,7 +53,6 @@ LIST_FORMATS = {
     ".txt": "txt",
 }
 HASH = "__hash"
-ERROR = "__error"  # why a list row is unusable (a bad row), or null
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -224,7 +224,7 @@ def _csv_batches(raw, uri: str, spec: ListSpec, fmt: str, batch_rows: int) -> It
     or one row with a field too many, with a message naming neither file nor line. Bytes that
     are not UTF-8 come through as surrogates (``surrogateescape``) and make their row bad."""
     text = io.TextIOWrapper(
-        _Readable(raw), encoding="utf-8-sig", errors="surrogateescape", newline=""
+        Readable(raw), encoding="utf-8-sig", errors="surrogateescape", newline=""
     )
     reader = (
         csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE)  # TSV has no quoting
@@ -237,7 +237,7 @@ def _csv_batches(raw, uri: str, spec: ListSpec, fmt: str, batch_rows: int) -> It
     _check_columns(uri, names, spec)
     wanted = spec.wanted()
     where = [names.index(c) for c in wanted]
-    rows = _Rows(uri, [*wanted.values()])
+    rows = TextRows(uri, [*wanted.values()])
     line = reader.line_num
     while True:
         start = line + 1
@@ -264,8 +264,8 @@ def _csv_batches(raw, uri: str, spec: ListSpec, fmt: str, batch_rows: int) -> It
 
 def _jsonl_batches(raw, uri: str, spec: ListSpec, batch_rows: int) -> Iterator[pa.Table]:
     wanted = spec.wanted()
-    text = io.TextIOWrapper(_Readable(raw), encoding="utf-8", errors="surrogateescape")
-    rows = _Rows(uri, [*wanted.values()])
+    text = io.TextIOWrapper(Readable(raw), encoding="utf-8", errors="surrogateescape")
+    rows = TextRows(uri, [*wanted.values()])
     for number, line in enumerate(text, 1):
         line = line.strip()
         if not line:
@@ -286,41 +286,8 @@ def _jsonl_batches(raw, uri: str, spec: ListSpec, batch_rows: int) -> Iterator[p
     yield rows.table()
 
 
-class _Rows:
-    """A batch of text rows under standard names, bad rows in place (see the module doc)."""
-
-    def __init__(self, uri: str, names: list[str]):
-        self.uri, self.names = uri, names
-        self.columns: dict[str, list] = {n: [] for n in [*names, ERROR]}
-
-    def __len__(self) -> int:
-        return len(self.columns[ERROR])
-
-    def add(self, line: int, values: list[str | None], sources: list[str]) -> None:
-        for v, src in zip(values, sources, strict=True):
-            if v is not None and not v.isascii():
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    self.bad(line, f"column {src!r} is not UTF-8")
-                    return
-        for n, v in zip(self.names, values, strict=True):
-            self.columns[n].append(v)
-        self.columns[ERROR].append(None)
-
-    def bad(self, line: int, why: str) -> None:
-        for n in self.names:
-            self.columns[n].append(None)
-        self.columns[ERROR].append(f"bad_row: {self.uri} line {line}: {why}"[:300])
-
-    def table(self) -> pa.Table:
-        out = pa.table({n: pa.array(v, pa.string()) for n, v in self.columns.items()})
-        self.columns = {n: [] for n in self.columns}
-        return out
-
-
 def _txt_batches(raw, batch_rows: int) -> Iterator[pa.Table]:
-    text = io.TextIOWrapper(_Readable(raw), encoding="utf-8", errors="replace")
+    text = io.TextIOWrapper(Readable(raw), encoding="utf-8", errors="replace")
     urls: list[str] = []
     for line in text:
         if line.strip():
@@ -329,21 +296,6 @@ def _txt_batches(raw, batch_rows: int) -> Iterator[pa.Table]:
             yield pa.table({"url": pa.array(urls, pa.string())})
             urls = []
     yield pa.table({"url": pa.array(urls, pa.string())})
-
-
-class _Readable(io.RawIOBase):
-    """A pyarrow stream as a Python raw stream, so TextIOWrapper can read it line by line."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.stream.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
 
 # ---- cutting a list into shard inputs --------------------------------------------------------------

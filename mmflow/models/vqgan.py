@@ -7,18 +7,15 @@
       -> post_quant_conv, Decoder (the Encoder mirrored, nearest-neighbour upsampling)
       -> image (B, 3, H, W)
 
-The lookup is LlamaGen's cure for codebook collapse: a low-dimensional (8) code
-space on the unit sphere, where the nearest code is the one of largest cosine. On
-top of it, codes that the data stopped using are restarted on encoder outputs of
-the current batch (Jukebox, "dead-code restart"); the first restart, at step 0,
-is a data-dependent initialisation of the whole codebook. Usage is tracked as an
-EMA of each code's share of tokens, summed over every DDP rank.
+The lookup is LlamaGen's cure for codebook collapse: a low-dimensional (8) code space on
+the unit sphere, where the nearest code is the one of largest cosine. Codes the data stopped
+using are restarted on encoder outputs of the current batch (Jukebox's "dead-code restart";
+the first, at step 0, initialises the whole codebook from data). Usage is an EMA of each
+code's share of tokens, summed over every DDP rank.
 
-Architectures are JSON files in ``mmflow/models/configs/vqgan/*.json`` behind one
-factory, :func:`create_vqgan`, which returns the model with its preprocessing;
-:func:`save_vqgan` / :func:`load_vqgan` write and read a model folder. The losses,
-the discriminator and the training wrapper are in :mod:`mmflow.models.vqgan_losses`.
-"""
+Architectures: ``configs/vqgan/*.json`` behind one factory, :func:`create_vqgan` (model and
+preprocessing); :func:`save_vqgan` / :func:`load_vqgan` write and read a folder (weights only).
+Losses, discriminator and training wrapper: :mod:`mmflow.models.vqgan_losses`."""
 
 from __future__ import annotations
 
@@ -357,8 +354,7 @@ def to_pil(x: torch.Tensor):
     """(3, H, W) in [-1, 1] -> PIL RGB image."""
     from PIL import Image
 
-    array = (to_unit(x) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return Image.fromarray((to_unit(x) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
 def list_archs() -> list[str]:
@@ -382,24 +378,23 @@ def create_vqgan(cfg: VQGANConfig | str) -> tuple[VQGAN, Preprocess]:
 def save_vqgan(model: VQGAN, folder: str, arch: str, **meta: Any) -> None:
     """``vqgan.json`` (architecture and meta) and ``vqgan.pt`` (weights) into a local folder."""
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, os.path.join(folder, WEIGHTS_FILE))
+    torch.save(
+        {k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(folder, WEIGHTS_FILE)
+    )
     info = {"arch": arch, "config": asdict(model.cfg), "format": "mmflow-vqgan", **meta}
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
+    Path(folder, CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
 def load_vqgan(folder: str, device: str = "cpu") -> tuple[VQGAN, Preprocess, dict[str, Any]]:
     """(model in eval mode on ``device``, its preprocessing, the folder's ``vqgan.json``)."""
-    with open(os.path.join(folder, CONFIG_FILE)) as f:
-        info = json.load(f)
+    info = json.loads(Path(folder, CONFIG_FILE).read_text())
     model, preprocess = create_vqgan(VQGANConfig.from_dict(info["config"]))
-    state = torch.load(os.path.join(folder, WEIGHTS_FILE), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(
+        torch.load(Path(folder, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    )
     return model.to(device).eval(), preprocess, info
 
 
-def describe(cfg: VQGANConfig) -> str:
-    """``f4, 8x8 tokens of 512 codes (8-d)`` for logs."""
-    g = cfg.grid_size
-    return f"f{cfg.downsample_factor}, {g}x{g} tokens of {cfg.codebook_size} codes ({cfg.codebook_dim}-d), {math.log2(cfg.codebook_size):.0f} bits each"
+def describe(cfg: VQGANConfig) -> str:  # for logs: f4, 8x8 tokens of 512 codes (8-d), ...
+    g, bits = cfg.grid_size, math.log2(cfg.codebook_size)
+    return f"f{cfg.downsample_factor}, {g}x{g} tokens of {cfg.codebook_size} codes ({cfg.codebook_dim}-d), {bits:.0f} bits each"

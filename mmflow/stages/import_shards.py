@@ -33,15 +33,17 @@ from mmflow.data.ingest_sources import expand_uris
 from mmflow.data.preview import log_preview
 from mmflow.data.shards import map_shards, shard_name
 from mmflow.data.webdataset_io import DEFAULT_MAX_MEMBER_BYTES
+from mmflow.params import required_field, required_text
 from mmflow.stage import Params, Resources, Stage, StageContext, register
+
+NO_SOURCE = (
+    "no source: set source to a folder, brace pattern or glob of .tar shards, "
+    "e.g. --set STAGE.params.source='s3://bucket/laion/{00000..00099}.tar'"
+)
 
 
 class ImportShardsParams(Params):
-    source: str | None = Field(
-        None,
-        validate_default=True,
-        description="required: folder, brace pattern or glob of .tar shards (local or s3://)",
-    )
+    source: str | None = required_field("folder, brace pattern or glob of .tar shards (or s3://)")
     check_images: bool = Field(True, description="decode every image; undecodable = bad sample")
     require_caption: bool = Field(True, description="a sample without .txt is a bad sample")
     max_pixels: int = Field(89_478_485, ge=1, description="larger images are bad samples")
@@ -56,12 +58,7 @@ class ImportShardsParams(Params):
     @field_validator("source")
     @classmethod
     def _required(cls, v: str | None) -> str:
-        if not v or not v.strip():
-            raise ValueError(
-                "no source: set source to a folder, brace pattern or glob of .tar shards, "
-                "e.g. --set STAGE.params.source='s3://bucket/laion/{00000..00099}.tar'"
-            )
-        return v.strip()
+        return required_text(v, NO_SOURCE)
 
 
 @register
@@ -101,8 +98,7 @@ class ImportShards(Stage):
             list(range(len(sources))),
             folder,
             args=(job,),
-            cpus=ctx.resources.cpus,
-            max_in_flight=ctx.resources.workers or None,
+            **ctx.resources.shard_tasks(),
             desc=ctx.stage,
             storage=ctx.storage,
         )

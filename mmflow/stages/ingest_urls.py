@@ -39,6 +39,7 @@ from mmflow.data.ingest_sources import (
 )
 from mmflow.data.preview import log_preview
 from mmflow.data.shards import BASE_COLUMNS, map_shards, shard_name
+from mmflow.params import required_field, required_text
 from mmflow.stage import MANIFEST, Params, Resources, Stage, StageContext, register
 from mmflow.storage import join
 
@@ -46,12 +47,16 @@ LIST_EXTS = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".
 SPLIT_MARKER = "_SPLIT.json"
 
 
+NO_URL_LIST = (
+    "no URL list: set url_list to a Parquet/CSV/TSV/JSONL file, a folder or a glob, "
+    "e.g. --set STAGE.params.url_list=s3://bucket/laion/*.parquet"
+)
+
+
 class IngestUrlsParams(Params):
     # -- the list
-    url_list: str | None = Field(
-        None,
-        validate_default=True,
-        description="required: Parquet/CSV/TSV/JSONL/txt file, folder or glob (local or s3://)",
+    url_list: str | None = required_field(
+        "Parquet/CSV/TSV/JSONL/txt file, folder or glob, or s3://"
     )
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = Field(
         "auto", description="auto: from each file's extension (.gz allowed for text formats)"
@@ -149,12 +154,7 @@ class IngestUrlsParams(Params):
     @field_validator("url_list")
     @classmethod
     def _required(cls, v: str | None) -> str:
-        if not v or not v.strip():
-            raise ValueError(
-                "no URL list: set url_list to a Parquet/CSV/TSV/JSONL file, a folder or a glob, "
-                "e.g. --set STAGE.params.url_list=s3://bucket/laion/*.parquet"
-            )
-        return v.strip()
+        return required_text(v, NO_URL_LIST)
 
     @model_validator(mode="after")
     def _columns(self) -> IngestUrlsParams:
@@ -252,8 +252,7 @@ class IngestUrls(Stage):
             list(range(split["num_shards"])),
             folder,
             args=(job,),
-            cpus=ctx.resources.cpus,
-            max_in_flight=ctx.resources.workers or None,
+            **ctx.resources.shard_tasks(),
             max_retries=p.shard_retries,
             desc=ctx.stage,
             samples_per_shard=p.samples_per_shard,

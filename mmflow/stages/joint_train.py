@@ -20,7 +20,7 @@ Output ``model``: a folder :func:`mmflow.generate.joint.load_painter` reads (saf
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -33,19 +33,12 @@ from mmflow.tasks.evaluation import stage_metrics
 from mmflow.train import TrainConfig, fit
 from mmflow.train.harness import absolute_tracking_uri
 
-
-class JointTrainConfig(TrainConfig):
-    """The harness's config, DeepSpeed by default, sized for the quickstart on two CPUs."""
-
-    strategy: Literal["ddp", "deepspeed"] = "deepspeed"
-    max_steps: int = Field(600, ge=1)
-    batch_size: int = Field(32, ge=1, description="micro batch per worker")
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(40, ge=0)
-    checkpoint_every: int = Field(200, ge=0)
-    eval_every: int = Field(0, ge=0)
-    log_every: int = Field(20, ge=1)
+# DeepSpeed by default, sized for the quickstart on two CPUs
+JointTrainConfig = TrainConfig.with_defaults(
+    "JointTrainConfig", "The harness's config, with joint_train's defaults.",
+    strategy="deepspeed", max_steps=600, batch_size=32, lr=2e-3, weight_decay=0.05,
+    warmup_steps=40, checkpoint_every=200, log_every=20,
+)  # fmt: skip
 
 
 class SamplingParams(Params):

@@ -48,18 +48,13 @@ if TYPE_CHECKING:  # the model code imports torch; this module stays light for c
     from mmflow.models.vqgan_losses import VQGANLossConfig
 
 
-class VqganTrainConfig(TrainConfig):
-    """The harness's config with defaults that train ``vqgan-tiny-f4`` on the quickstart in about
-    four minutes on two CPUs (small batches: more updates for the same compute)."""
-
-    max_steps: int = Field(1200, ge=1, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="micro batch per worker")
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(50, ge=0)
-    checkpoint_every: int = Field(400, ge=0)
-    eval_every: int = Field(400, ge=0)
-    log_every: int = Field(25, ge=1)
+# defaults that train ``vqgan-tiny-f4`` on the quickstart in about four minutes on two CPUs
+# (small batches: more updates for the same compute)
+VqganTrainConfig = TrainConfig.with_defaults(
+    "VqganTrainConfig", "The harness's config, with vqgan_train's defaults.",
+    max_steps=1200, batch_size=32, lr=3e-3, weight_decay=0.0, warmup_steps=50,
+    checkpoint_every=400, eval_every=400, log_every=25,
+)  # fmt: skip
 
 
 class VqganLossParams(Params):

@@ -7,6 +7,7 @@ tasks at import time and pipelines validate in a second.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +38,29 @@ class TrainConfig(Params):
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=-1, description="worker-group restarts (Ray FailureConfig)")
     seed: int = 0
+
+    @classmethod
+    def with_defaults(cls, name: str, doc: str, **defaults: Any) -> type[TrainConfig]:
+        """A subclass whose fields default to ``defaults``, their types, limits and
+        descriptions kept (a ``Field(...)`` value replaces a field's whole definition): how a
+        training stage states what suits its model in one line per changed setting."""
+        from pydantic import create_model
+        from pydantic.fields import FieldInfo
+
+        fields: dict[str, Any] = {}
+        for key, value in defaults.items():
+            if key not in cls.model_fields:
+                raise KeyError(f"{name}: TrainConfig has no field {key!r}")
+            base = cls.model_fields[key]
+            info = (
+                value
+                if isinstance(value, FieldInfo)
+                else FieldInfo.merge_field_infos(base, default=value)
+            )
+            fields[key] = (base.annotation, info)
+        model = create_model(name, __base__=cls, __doc__=doc, **fields)
+        model.__module__ = sys._getframe(1).f_globals.get("__name__", cls.__module__)
+        return model
 
 
 class TrainTask:

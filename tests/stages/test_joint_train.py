@@ -66,7 +66,7 @@ joint:
     val_rows: 32
     eval_prompts: 8
     eval_captions: 8
-    judge_steps: 20
+    judge_steps: 100
     judge_images: 200
     preview: 4
   resources: {cpus: 2, workers: 1}
@@ -94,7 +94,7 @@ def test_joint_train_reports_held_out_figures_and_registers_the_model(trained):
               "t2i_match", "t2i_match_noguide", "i2t_match", "judge_acc"):  # fmt: skip
         assert k in row.metrics, k
     assert 0 < row.metrics["val_image_nll"] < 10 and 0 <= row.metrics["t2i_match"] <= 1
-    assert row.metrics["judge_acc"] > 0.3  # 20 steps on 200 pictures: better than chance
+    assert row.metrics["judge_acc_color"] > 0.5  # 100 steps on 200 pictures: far above chance (1/6)
     man = json.load(open(os.path.join(row.output, "_MANIFEST.json")))
     info = man["outputs"]["model"]
     assert info["format"] == "mmflow-joint" and info["steps"] == 12
