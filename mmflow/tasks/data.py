@@ -241,3 +241,39 @@ class ShardData:
     def counters(self) -> dict[str, int]:
         """What the loaders counted (this process): for ``TrainTask.data_counters``."""
         return {**self.skips.counts(), **self.heldout_skips.counts()}
+
+
+def prefetched(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``batches`` made ``depth`` ahead in a thread, so building the next batch (Python work,
+    mostly) overlaps the training step (torch releases the GIL while it computes). An error in
+    the thread is raised here, in the consumer."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=fill, name="mmflow-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

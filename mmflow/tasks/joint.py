@@ -88,9 +88,15 @@ class JointTask(TrainTask):
     # --- data ---------------------------------------------------------------------------------
     def train_batches(self, rank: int, world_size: int, start_step: int) -> Iterator[dict]:
         import ray.train
+
+        from mmflow.tasks.data import prefetched
+
+        # the shard in the worker's own thread (Ray Train's context); the sequences in another
+        return prefetched(self._batches(ray.train.get_dataset_shard("train"), rank, start_step))
+
+    def _batches(self, shard, rank: int, start_step: int) -> Iterator[dict]:
         import torch
 
-        shard = ray.train.get_dataset_shard("train")
         gen = torch.Generator().manual_seed(self.train.seed * 1_000_003 + rank * 7919 + start_step)
         seed = random.Random(f"{self.train.seed}-{rank}-{start_step}").randrange(2**31)
         epoch, micro = 0, start_step * self.train.grad_accum

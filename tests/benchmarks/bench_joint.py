@@ -151,8 +151,9 @@ def main() -> None:
     a = p.parse_args()
     import ray
 
-    ray.init(address="local", num_cpus=a.threads, include_dashboard=False,
-             configure_logging=False)  # fmt: skip
+    from mmflow.ray_env import ensure_ray
+
+    ensure_ray()  # the runner's own local Ray
     with tempfile.TemporaryDirectory(prefix="bench-joint-") as work:
         ddp, outputs = stage_tokens_per_s(work, a, "ddp")
         zero2, _ = stage_tokens_per_s(work, a, "deepspeed")

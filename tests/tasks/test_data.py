@@ -187,3 +187,28 @@ def test_shard_data_from_params_counts_one_pass_and_replays_from_memory(tmp_path
     for _ in range(2):
         assert sorted(uncached.epoch(0, 1, rng, KEY, size=len, cache=False)) == ["a", "c", "f"]
     assert uncached.epochs.cached is None and uncached.counters()["samples_seen"] == 6
+
+
+def test_prefetched_keeps_order_and_hands_errors_to_the_consumer():
+    import threading
+
+    from mmflow.tasks.data import prefetched
+
+    seen_threads = set()
+
+    def numbers():
+        for i in range(50):
+            seen_threads.add(threading.current_thread().name)
+            yield i
+
+    assert list(prefetched(numbers(), depth=3)) == list(range(50))
+    assert seen_threads == {"mmflow-prefetch"}  # made in the thread, not the consumer
+
+    def broken():
+        yield 1
+        raise ValueError("bad batch 2")
+
+    it = prefetched(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad batch 2"):
+        next(it)
