@@ -76,6 +76,10 @@ class JointTrainParams(Params):
     judge_images: int = Field(3000, ge=1, description="real pictures the judge trains on")
     shuffle_buffer: int = Field(2048, ge=1, description="rows shuffled together per worker")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    guidance_sweep: list[float] = Field(
+        [1.0, 1.5, 2.0, 3.0, 5.0],
+        description="guidance scales also tried at eval: t2i_match_best, t2i_best_guidance",
+    )
     preview: int = Field(16, ge=0, description="drawn pictures in the logged grid")
     registered_model_name: str | None = Field(
         None, description="MLflow registry name; default '{pipeline}-{stage}'; '' = none"
@@ -217,6 +221,7 @@ class JointTrain(Stage):
             loss_weights={"text": p.text_loss_weight, "image": p.image_loss_weight},
             sampling=p.sampling.build(), eval_set=eval_set, vqgan_uri=vqgan_uri,
             tokenizer_json=tokenizer_json, activation_checkpointing=p.activation_checkpointing,
+            guidance_sweep=tuple(p.guidance_sweep),
             save_meta={"arch": p.arch, "vqgan_uri": vqgan_uri, "seen_text_ids": seen,
                        "sampling": p.sampling.model_dump(),
                        "token_table_fingerprint": ctx.inputs["tokens"].fingerprint},
@@ -238,6 +243,7 @@ class JointTrain(Stage):
             vocab_size=vocab.size, seq_len=vocab.seq_len, vqgan_uri=vqgan_uri,
             load="mmflow.generate.joint.load_painter('<this folder>')", **registered,
         )  # fmt: skip
-        shown = ("t2i_color_match", "t2i_match", "t2i_match_noguide", "i2t_match", "judge_acc")
+        shown = ("t2i_color_match", "t2i_match", "t2i_match_noguide", "t2i_match_best",
+                 "t2i_best_guidance", "i2t_match", "judge_acc")  # fmt: skip
         summary = ", ".join(f"{k}={ctx.metrics[k]:.3f}" for k in shown if k in ctx.metrics)
         print(f"[{ctx.stage}] trained {int(final.get('step', 0))} steps; {summary}", flush=True)

@@ -46,6 +46,7 @@ class JointTask(TrainTask):
         tokenizer_json: str,
         save_meta: dict[str, Any],
         activation_checkpointing: bool = False,
+        guidance_sweep: tuple[float, ...] = (),
         threads: int = 1,
         preview: int = 16,
         tracking_uri: str = "",
@@ -61,6 +62,7 @@ class JointTask(TrainTask):
             preview,
         )
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.guidance_sweep = tuple(guidance_sweep)
         self.tokens_per_sample = vocab.seq_len  # the harness reports tokens/s
         self._painter = self._judge = None
         self._step = 0
@@ -147,6 +149,7 @@ class JointTask(TrainTask):
             plain = painter.draw_ids(es.prompt_ids, replace(self.sampling, guidance_scale=1.0))
             out.update(self._judged(guided, ""))
             out.update(self._judged(plain, "_noguide"))
+            out.update(self._guidance_sweep(painter))
             self._log_grid(guided[: self.preview], es.prompts[: self.preview])
         if es.caption_codes:
             from mmflow.eval.joint import i2t_scores
@@ -156,6 +159,21 @@ class JointTask(TrainTask):
             captions = painter.caption_codes(codes, greedy)
             out.update(i2t_scores(captions, es.caption_scenes))
         return out
+
+    def _guidance_sweep(self, painter) -> dict[str, float]:
+        """``t2i_match`` at each of ``guidance_sweep``'s scales: the best one and its scale
+        (the best scale falls as a model trains; the fixed-scale figures stay the headline)."""
+        if self.eval_set.judge_state is None or not self.guidance_sweep:
+            return {}
+        best_scale, best = 0.0, -1.0
+        for scale in self.guidance_sweep:
+            drawn = painter.draw_ids(
+                self.eval_set.prompt_ids, replace(self.sampling, guidance_scale=scale)
+            )
+            match = self._judged(drawn, "")["t2i_match"]
+            if match > best:
+                best_scale, best = scale, match
+        return {"t2i_match_best": best, "t2i_best_guidance": best_scale}
 
     def _val_nll(self, model) -> dict[str, float]:
         """Mean text NLL of held-out captions given their pictures (image->text) and image NLL of

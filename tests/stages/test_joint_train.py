@@ -91,7 +91,8 @@ def test_joint_train_reports_held_out_figures_and_registers_the_model(trained):
     row = _row(runner)
     assert row.state == "done"
     for k in ("val_text_nll", "val_image_nll", "t2i_color_match", "t2i_shape_match",
-              "t2i_match", "t2i_match_noguide", "i2t_match", "judge_acc"):  # fmt: skip
+              "t2i_match", "t2i_match_noguide", "i2t_match", "judge_acc", "t2i_match_best",
+              "t2i_best_guidance"):  # fmt: skip
         assert k in row.metrics, k
     assert 0 < row.metrics["val_image_nll"] < 10 and 0 <= row.metrics["t2i_match"] <= 1
     assert row.metrics["judge_acc_color"] > 0.5  # 100 steps on 200 pictures: far above chance (1/6)
