@@ -19,6 +19,19 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 MMFLOW = [sys.executable, "-m", "mmflow.cli"]
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models run many times faster on one intra-op thread than contending for the shared
+    machine's cores; for a test module (``pytestmark = pytest.mark.usefixtures(...)``), restored
+    after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

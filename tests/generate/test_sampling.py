@@ -24,13 +24,7 @@ CFG = JointConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=16)
 GREEDY = SamplingConfig(temperature=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 TEXTS = [[1, 2], [3], [4, 5, 6], [7]]

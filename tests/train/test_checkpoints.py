@@ -19,14 +19,7 @@ CPU = torch.device("cpu")
 CFG = TrainConfig(max_steps=20, warmup_steps=4, lr=1e-2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is many times faster than
-    contending for cores (restored after the module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 class Tiny(TrainTask):

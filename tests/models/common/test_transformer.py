@@ -19,13 +19,7 @@ from mmflow.models.common.transformer import (
 CFG = TransformerConfig(dim=32, n_layers=2, n_heads=4, mlp_hidden=48, max_seq_len=24)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: see conftest
 
 
 def _decoder(**overrides) -> Decoder:
