@@ -1,4 +1,4 @@
-"""``mmflow`` command line: run, status, stages, ui, decode, generate.
+"""``mmflow`` command line: run, status, stages, ui, decode, generate, chat.
 
 Exit codes: 0 success; 1 a stage failed (the resume command is printed);
 2 the pipeline or the command line is wrong (nothing was started).
@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    chat = sub.add_parser("chat", help="ask a LLaVA model about a picture (interactive without a question)")
+    chat.add_argument("model", help="a pipeline YAML (its committed llava_instruct model) or a model folder")
+    chat.add_argument("question", nargs="?", help="one question; without it, an interactive session")
+    chat.add_argument("--image", required=True, help="the picture (any format PIL reads)")
+    chat.add_argument("--stage", help="with a pipeline YAML: the stage (default: its llava_instruct)")
+    chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -298,6 +306,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from mmflow.generate.llava import chat_session, load_chat, read_image
+    from mmflow.generate.sampling import SamplingConfig
+
+    try:
+        folder = args.model
+        if folder.endswith((".yaml", ".yml")):
+            folder, _ = _committed(folder, args.stage, "llava_instruct", "model")
+        image = read_image(args.image)
+        chat = load_chat(folder)
+        cfg = SamplingConfig(temperature=args.temperature, seed=args.seed)
+        if args.question is not None:
+            print(chat.ask(image, args.question, cfg=cfg, max_new_tokens=args.max_new_tokens))
+        else:
+            chat_session(chat, image, cfg, args.max_new_tokens)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"mmflow chat: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -308,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "ui": cmd_ui,
             "decode": cmd_decode,
             "generate": cmd_generate,
+            "chat": cmd_chat,
         }[args.command](args)
     except ConfigError as e:
         print(
