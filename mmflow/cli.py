@@ -107,11 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    chat = sub.add_parser("chat", help="ask a LLaVA model about a picture (interactive without a question)")
-    chat.add_argument("model", help="a pipeline YAML (its committed llava_instruct model) or a model folder")
-    chat.add_argument("question", nargs="?", help="one question; without it, an interactive session")
+    chat = sub.add_parser(
+        "chat", help="ask a LLaVA model about a picture (interactive without a question)"
+    )
+    chat.add_argument(
+        "model", help="a pipeline YAML (its committed llava_instruct model) or a model folder"
+    )
+    chat.add_argument(
+        "question", nargs="?", help="one question; without it, an interactive session"
+    )
     chat.add_argument("--image", required=True, help="the picture (any format PIL reads)")
-    chat.add_argument("--stage", help="with a pipeline YAML: the stage (default: its llava_instruct)")
+    chat.add_argument(
+        "--stage", help="with a pipeline YAML: the stage (default: its llava_instruct)"
+    )
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,9 @@ COLUMNS = ("id", "key", "kind", "conversations", "qtypes", "scene")
 
 def table_files(storage: Storage, table_uri: str) -> list[str]:
     """The table's Parquet files, sorted; a clear error when there are none."""
-    files = sorted(f.uri for f in storage.ls(table_uri) if f.name.endswith(".parquet") and not f.is_dir)
+    files = sorted(
+        f.uri for f in storage.ls(table_uri) if f.name.endswith(".parquet") and not f.is_dir
+    )
     if not files:
         raise ValueError(f"no Parquet files in {table_uri} (an instruction table's output?)")
     return files
@@ -43,7 +45,9 @@ def table_pairs(storage: Storage, table_uri: str) -> list[dict[str, str]]:
         with storage.open_input(uri) as f:
             shards = set(pq.read_table(f, columns=["shard"])["shard"].to_pylist())
         if len(shards) > 1:
-            raise ValueError(f"{uri}: rows name {len(shards)} shards; an instruction file names one")
+            raise ValueError(
+                f"{uri}: rows name {len(shards)} shards; an instruction file names one"
+            )
         if shards:
             pairs.append({"table": uri, "shard": shards.pop()})
     return pairs
@@ -93,8 +97,14 @@ def joined_rows(
 
 
 def heldout_rows(
-    pairs: list[dict[str, str]], *, kinds: tuple[str, ...], holdout_fraction: float, limit: int,
-    storage: Storage | None = None, images: bool = True, one_per_picture: bool = True,
+    pairs: list[dict[str, str]],
+    *,
+    kinds: tuple[str, ...],
+    holdout_fraction: float,
+    limit: int,
+    storage: Storage | None = None,
+    images: bool = True,
+    one_per_picture: bool = True,
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` held-out rows of ``kinds`` in table order (the evaluation's), with their
     pictures unless ``images`` is False; with ``one_per_picture``, the first row of each."""

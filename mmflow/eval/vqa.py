@@ -23,10 +23,16 @@ def description_match(text: str, scene: dict[str, Any]) -> bool:
     named = mentioned(text)
     colors = {o["color"] for o in scene["objects"]}
     shapes = {o["shape"] for o in scene["objects"]}
-    return colors <= set(named["colors"]) and shapes <= set(named["shapes"]) and set(named["colors"]) <= colors
+    return (
+        colors <= set(named["colors"])
+        and shapes <= set(named["shapes"])
+        and set(named["colors"]) <= colors
+    )
 
 
-def vqa_scores(records: Iterable[tuple[str, str, str]], prefix: str = "vqa_acc") -> dict[str, float]:
+def vqa_scores(
+    records: Iterable[tuple[str, str, str]], prefix: str = "vqa_acc"
+) -> dict[str, float]:
     """``(qtype, predicted, truth)`` records -> ``{prefix}`` over every exact-match question
     and ``{prefix}_{qtype}`` per type; description records are left to the caller."""
     right: dict[str, int] = defaultdict(int)

@@ -43,7 +43,9 @@ class Chat:
 
     def prompt_ids(self, turns: list[dict[str, str]]) -> list[int]:
         """The ids of ``turns`` (the last one the user's) with the assistant's turn opened."""
-        ids, _ = encode_conversation(turns, self.encode, self.ids, self.image_tokens, generation_prompt=True)
+        ids, _ = encode_conversation(
+            turns, self.encode, self.ids, self.image_tokens, generation_prompt=True
+        )
         return ids
 
     def check_fits(self, prompt: list[int], max_new_tokens: int) -> None:

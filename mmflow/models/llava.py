@@ -76,7 +76,9 @@ class VisionLayout:
 
     def __post_init__(self) -> None:
         if self.select_strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy must be default or full, got {self.select_strategy!r}")
+            raise ValueError(
+                f"vision_feature_select_strategy must be default or full, got {self.select_strategy!r}"
+            )
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise ValueError(f"projector must be mlp2x_gelu or linear, got {self.projector!r}")
 
@@ -99,7 +101,9 @@ def add_chat_tokens(tokenizer) -> None:
     """Give a ``tokenizers.Tokenizer`` the chat tokens and ``<image>`` as special tokens."""
     from tokenizers import AddedToken
 
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS]
+    )
 
 
 def hf_tokenizer(tokenizer):
@@ -134,12 +138,18 @@ class ChatIds:
         ids = {n: get(t) for n, t in (("bos", BOS), ("pad", PAD), ("user", USER),
                                         ("assistant", ASSISTANT), ("end", END), ("image", IMAGE_TOKEN))}  # fmt: skip
         if None in ids.values():
-            raise ValueError(f"the tokenizer lacks chat tokens: {[k for k, v in ids.items() if v is None]}")
+            raise ValueError(
+                f"the tokenizer lacks chat tokens: {[k for k, v in ids.items() if v is None]}"
+            )
         return cls(**ids)
 
 
 def encode_conversation(
-    turns: list[dict[str, str]], encode, ids: ChatIds, image_tokens: int, generation_prompt: bool = False
+    turns: list[dict[str, str]],
+    encode,
+    ids: ChatIds,
+    image_tokens: int,
+    generation_prompt: bool = False,
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels) of LLaVA-format ``turns`` (``{"from": "human"|"gpt", "value": ...}``).
 
@@ -159,7 +169,11 @@ def encode_conversation(
         head = ids.user if role == "user" else ids.assistant
         input_ids += [head, *body, ids.end]
         answer = role == "assistant"
-        labels += [IGNORE, *(body if answer else [IGNORE] * len(body)), ids.end if answer else IGNORE]
+        labels += [
+            IGNORE,
+            *(body if answer else [IGNORE] * len(body)),
+            ids.end if answer else IGNORE,
+        ]
     if generation_prompt:
         input_ids.append(ids.assistant)
         labels.append(IGNORE)
@@ -181,7 +195,12 @@ class Pixels:
     @classmethod
     def of(cls, image_processor) -> Pixels:
         size = image_processor.crop_size["height"]
-        return cls(size, image_processor.image_mean, image_processor.image_std, int(image_processor.resample))
+        return cls(
+            size,
+            image_processor.image_mean,
+            image_processor.image_std,
+            int(image_processor.resample),
+        )
 
     def __call__(self, image):
         import io
@@ -215,7 +234,11 @@ def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (x, y) in enumerate(seqs):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
+            torch.tensor(x),
+            torch.tensor(y),
+            1,
+        )
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -229,8 +252,6 @@ def next_token_loss(logits, labels):
         return logits.sum() * 0.0, 0  # keeps the graph (DeepSpeed steps every rank together)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum") / n, n
-
-
 
 
 def build_llava(vision_config, text_config, image_token_id: int, pad_id: int, layout: VisionLayout):

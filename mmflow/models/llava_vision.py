@@ -21,8 +21,14 @@ def open_clip_vision(visual, model_cfg: dict[str, Any]):
     from transformers import CLIPVisionConfig
 
     vc = model_cfg["vision_cfg"]
-    if not isinstance(vc.get("layers"), int) or vc.get("timm_model_name") or vc.get("attentional_pool"):
-        raise ValueError("only open_clip's plain ViT towers convert to transformers' CLIPVisionModel")
+    if (
+        not isinstance(vc.get("layers"), int)
+        or vc.get("timm_model_name")
+        or vc.get("attentional_pool")
+    ):
+        raise ValueError(
+            "only open_clip's plain ViT towers convert to transformers' CLIPVisionModel"
+        )
     width = int(vc["width"])
     heads = width // int(vc.get("head_width", 64))
     config = CLIPVisionConfig(
@@ -49,7 +55,10 @@ def open_clip_vision(visual, model_cfg: dict[str, Any]):
         pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
         for old, new in pairs.items():
-            out[f"{b}{new}.weight"], out[f"{b}{new}.bias"] = src[f"{a}{old}.weight"], src[f"{a}{old}.bias"]
+            out[f"{b}{new}.weight"], out[f"{b}{new}.bias"] = (
+                src[f"{a}{old}.weight"],
+                src[f"{a}{old}.bias"],
+            )
     return config, out
 
 
@@ -58,14 +67,15 @@ def clip_image_processor(preprocess_cfg: dict[str, Any], image_size: int):
     transformers ``CLIPImageProcessor``."""
     from transformers import CLIPImageProcessor
 
-    resample = {"bilinear": 2, "bicubic": 3, "nearest": 0}[preprocess_cfg.get("interpolation", "bicubic")]
+    resample = {"bilinear": 2, "bicubic": 3, "nearest": 0}[
+        preprocess_cfg.get("interpolation", "bicubic")
+    ]
     return CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         resample=resample, image_mean=list(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
         image_std=list(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
         do_convert_rgb=True,
     )  # fmt: skip
-
 
 
 PIXELS_FILE = "mmflow_pixels.json"  # Pixels(**this): size, mean, std, resample
@@ -79,12 +89,16 @@ def pixels_of(image_processor) -> dict[str, Any]:
             "std": [float(x) for x in image_processor.image_std], "resample": int(image_processor.resample)}  # fmt: skip
 
 
-def prepare_vision_tower(out_dir: str, clip_dir: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
+def prepare_vision_tower(
+    out_dir: str, clip_dir: str | None = None, pretrained: str | None = None
+) -> dict[str, Any]:
     """Write the vision tower into ``out_dir`` (``save_pretrained``, safetensors) with its
     ``mmflow_pixels.json``; from a ``clip_train`` folder (``clip_dir``) or a Hugging Face CLIP /
     SigLIP model (``pretrained``). Returns the pixel settings."""
     if bool(clip_dir) == bool(pretrained):
-        raise ValueError("a vision tower comes from a clip_train model or from `pretrained`, exactly one")
+        raise ValueError(
+            "a vision tower comes from a clip_train model or from `pretrained`, exactly one"
+        )
     if clip_dir:
         from transformers import CLIPVisionModel
 
@@ -92,7 +106,9 @@ def prepare_vision_tower(out_dir: str, clip_dir: str | None = None, pretrained: 
 
         with open(os.path.join(clip_dir, CONFIG_FILE)) as f:
             cfgs = json.load(f)
-        config, state = open_clip_vision(load_clip(resolve(None, clip_dir)).model.visual, cfgs["model_cfg"])
+        config, state = open_clip_vision(
+            load_clip(resolve(None, clip_dir)).model.visual, cfgs["model_cfg"]
+        )
         tower = CLIPVisionModel(config)
         tower.load_state_dict(state, strict=True)
         processor = clip_image_processor(cfgs.get("preprocess_cfg", {}), config.image_size)

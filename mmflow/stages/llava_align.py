@@ -41,9 +41,15 @@ AlignTrainConfig = TrainConfig.with_defaults(
 
 
 class VisionParams(Params):
-    pretrained: str | None = Field(None, description="a Hugging Face CLIP/SigLIP (else the clip input)")
-    feature_layer: int = Field(-2, description="hidden state fed to the projector (-2: penultimate)")
-    select_strategy: str = Field("default", pattern="^(default|full)$", description="default: drop CLS")
+    pretrained: str | None = Field(
+        None, description="a Hugging Face CLIP/SigLIP (else the clip input)"
+    )
+    feature_layer: int = Field(
+        -2, description="hidden state fed to the projector (-2: penultimate)"
+    )
+    select_strategy: str = Field(
+        "default", pattern="^(default|full)$", description="default: drop CLS"
+    )
     projector: str = Field("mlp2x_gelu", pattern="^(mlp2x_gelu|linear)$")
 
     def layout(self):
@@ -61,7 +67,9 @@ class LlavaAlignParams(LlavaCommonParams):
 class LlavaAlign(Stage):
     type = "llava_align"
     version = "1"
-    description = "LLaVA stage 1: train the projector between a frozen vision tower and a frozen LM."
+    description = (
+        "LLaVA stage 1: train the projector between a frozen vision tower and a frozen LM."
+    )
     Params = LlavaAlignParams
     inputs = {"instructions": "table", "lm": "model", "clip": "model"}
     optional_inputs = frozenset({"clip"})  # else vision.pretrained
@@ -82,9 +90,13 @@ class LlavaAlign(Stage):
         p: LlavaAlignParams = ctx.params
         clip_uri = ctx.inputs["clip"].uri if "clip" in ctx.inputs else None
         if bool(clip_uri) == bool(p.vision.pretrained):
-            raise ValueError(f"stage {ctx.stage!r}: wire a `clip` input or set vision.pretrained, exactly one")
+            raise ValueError(
+                f"stage {ctx.stage!r}: wire a `clip` input or set vision.pretrained, exactly one"
+            )
         vision_uri = ctx.work("vision_tower")
-        if not ctx.storage.exists(f"{vision_uri}/{PIXELS_FILE}"):  # made once; a resumed run reuses it
+        if not ctx.storage.exists(
+            f"{vision_uri}/{PIXELS_FILE}"
+        ):  # made once; a resumed run reuses it
             with tempfile.TemporaryDirectory(prefix="mmflow-vision-") as tmp:
                 prepare_vision_tower(tmp, clip_dir=materialize(clip_uri) if clip_uri else None,
                                      pretrained=p.vision.pretrained)  # fmt: skip
@@ -95,7 +107,9 @@ class LlavaAlign(Stage):
         tok_json = tokenizer_json(materialize(lm_uri, ctx.storage))
         layout = p.vision.layout()
         image_tokens = layout.image_tokens(CLIPVisionConfig.from_pretrained(vision_dir))
-        max_len = int(read_json(os.path.join(materialize(lm_uri), "config.json"))["max_position_embeddings"])
+        max_len = int(
+            read_json(os.path.join(materialize(lm_uri), "config.json"))["max_position_embeddings"]
+        )
         pairs = table_pairs(ctx.storage, ctx.inputs["instructions"].uri)
         es = eval_set(ctx, pairs, kinds=("caption",), p=p, vqa_images=0, pixels=pixels)
         print(f"[{ctx.stage}] vision tower {p.vision.pretrained or 'clip_train'} ({image_tokens} image tokens), "
@@ -110,6 +124,12 @@ class LlavaAlign(Stage):
         )  # fmt: skip
         final = fit(task, p.train, ctx, model_output="model")
         ctx.log_metrics(stage_metrics(final, eval_prefix=""))
-        publish(ctx, p, final, "mmflow LLaVA after stage 1 (projector aligned)", image_tokens=image_tokens)
+        publish(
+            ctx,
+            p,
+            final,
+            "mmflow LLaVA after stage 1 (projector aligned)",
+            image_tokens=image_tokens,
+        )
         print(f"[{ctx.stage}] trained {int(final.get('step', 0))} steps; "
               f"{summary(ctx, ('val_caption_nll',))}", flush=True)  # fmt: skip

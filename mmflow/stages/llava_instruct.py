@@ -45,7 +45,9 @@ SHOWN = ("vqa_acc", "vqa_acc_color", "vqa_acc_shape", "vqa_acc_count", "vqa_acc_
 class LlavaInstructParams(LlavaCommonParams):
     train: InstructTrainConfig = Field(default_factory=InstructTrainConfig)
     train_vision: bool = Field(False, description="unfreeze the vision tower too")
-    vqa_images: int = Field(64, ge=0, description="held-out pictures asked one question of each type")
+    vqa_images: int = Field(
+        64, ge=0, description="held-out pictures asked one question of each type"
+    )
 
 
 @register
@@ -75,7 +77,9 @@ class LlavaInstruct(Stage):
         image_tokens = layout.image_tokens(config.vision_config)
         pixels = pixels_of_export(local)
         pairs = table_pairs(ctx.storage, ctx.inputs["instructions"].uri)
-        es = eval_set(ctx, pairs, kinds=("conversation",), p=p, vqa_images=p.vqa_images, pixels=pixels)
+        es = eval_set(
+            ctx, pairs, kinds=("conversation",), p=p, vqa_images=p.vqa_images, pixels=pixels
+        )
         print(f"[{ctx.stage}] {len(es.val_turns)} held-out conversations, {len(es.pictures)} held-out "
               f"pictures to question", flush=True)  # fmt: skip
         task = LlavaTask(
@@ -90,4 +94,7 @@ class LlavaInstruct(Stage):
         final = fit(task, p.train, ctx, model_output="model")
         ctx.log_metrics(stage_metrics(final, eval_prefix=""))
         publish(ctx, p, final, "mmflow LLaVA (instruction-tuned)", image_tokens=image_tokens)
-        print(f"[{ctx.stage}] trained {int(final.get('step', 0))} steps; {summary(ctx, SHOWN)}", flush=True)
+        print(
+            f"[{ctx.stage}] trained {int(final.get('step', 0))} steps; {summary(ctx, SHOWN)}",
+            flush=True,
+        )

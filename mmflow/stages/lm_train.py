@@ -45,8 +45,14 @@ class LmTrainParams(Params):
     holdout_fraction: float = Field(0.05, ge=0, lt=1, description="share of keys held out")
     val_rows: int = Field(256, ge=0, description="held-out rows for val_nll")
     shuffle_buffer: int = Field(2048, ge=1)
-    cache_mb: int = Field(512, ge=0, description="a rank's examples kept in memory after epoch 1 (0 = stream every epoch)")
-    registered_model_name: str | None = Field(None, description="default '{pipeline}-{stage}'; '' = none")
+    cache_mb: int = Field(
+        512,
+        ge=0,
+        description="a rank's examples kept in memory after epoch 1 (0 = stream every epoch)",
+    )
+    registered_model_name: str | None = Field(
+        None, description="default '{pipeline}-{stage}'; '' = none"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LmTrainParams:
@@ -65,7 +71,9 @@ def _turns(rows) -> list[list[dict[str, str]]]:
 class LmTrain(Stage):
     type = "lm_train"
     version = "1"
-    description = "Pretrain a small Llama LM (and its chat tokenizer) on the instruction text, or load one."
+    description = (
+        "Pretrain a small Llama LM (and its chat tokenizer) on the instruction text, or load one."
+    )
     Params = LmTrainParams
     inputs = {"instructions": "table"}
     outputs = {"model": "model"}
@@ -86,10 +94,14 @@ class LmTrain(Stage):
         kinds = ("caption", "conversation")
         rows = (r for pair in pairs for r in joined_rows(pair, kinds=kinds, split="train",
                 holdout_fraction=p.holdout_fraction, images=False))  # fmt: skip
-        corpus = (t["value"].replace("<image>", "") for r in rows for t in json.loads(r["conversations"]))
+        corpus = (
+            t["value"].replace("<image>", "") for r in rows for t in json.loads(r["conversations"])
+        )
         tok = TextTokenizer.train(corpus, p.vocab_size)
         add_chat_tokens(tok.tokenizer)
-        ids = {n: tok.tokenizer.token_to_id(t) for n, t in (("bos", BOS), ("eos", EOS), ("pad", PAD))}
+        ids = {
+            n: tok.tokenizer.token_to_id(t) for n, t in (("bos", BOS), ("eos", EOS), ("pad", PAD))
+        }
         cfg = lm_config(p.arch, p.model_cfg, vocab_size=tok.tokenizer.get_vocab_size())
         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
         val = _turns(heldout_rows(pairs, kinds=kinds, holdout_fraction=p.holdout_fraction, limit=p.val_rows,
@@ -107,7 +119,9 @@ class LmTrain(Stage):
         final = fit(task, p.train, ctx, model_output="model")
         ctx.log_metrics(stage_metrics(final, eval_prefix=""))
         self._publish(ctx, p, steps=int(final.get("step", 0)), params=params)
-        shown = ", ".join(f"{k}={ctx.metrics[k]:.3f}" for k in ("val_nll", "val_ppl") if k in ctx.metrics)
+        shown = ", ".join(
+            f"{k}={ctx.metrics[k]:.3f}" for k in ("val_nll", "val_ppl") if k in ctx.metrics
+        )
         print(f"[{ctx.stage}] trained {int(final.get('step', 0))} steps; {shown}", flush=True)
 
     def _pretrained(self, ctx: StageContext, p: LmTrainParams) -> None:
@@ -131,11 +145,17 @@ class LmTrain(Stage):
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             ctx.storage.upload_dir(tmp, ctx.outputs["model"])
-        print(f"[{ctx.stage}] {p.pretrained}: loaded, {added} tokens added, not trained", flush=True)
+        print(
+            f"[{ctx.stage}] {p.pretrained}: loaded, {added} tokens added, not trained", flush=True
+        )
         self._publish(ctx, p, steps=0, params=sum(x.numel() for x in model.parameters()))
 
     def _publish(self, ctx: StageContext, p: LmTrainParams, steps: int, params: int) -> None:
-        name = f"{ctx.pipeline}-{ctx.stage}" if p.registered_model_name is None else p.registered_model_name
+        name = (
+            f"{ctx.pipeline}-{ctx.stage}"
+            if p.registered_model_name is None
+            else p.registered_model_name
+        )
         registered = publish_model(ctx.outputs["model"], ctx.tracking_uri, ctx.run_id, name or None,
                                    "mmflow LLaVA language model", storage=ctx.storage)  # fmt: skip
         ctx.record_output("model", arch=p.pretrained or p.arch, format="hf-causal-lm", steps=steps,

@@ -40,7 +40,11 @@ from mmflow.train.config import TrainConfig, TrainTask
 
 def _example_bytes(ex: dict[str, Any]) -> int:
     pixels = ex.get("pixels")
-    return 16 * (len(ex["ids"]) + len(ex["labels"])) + (pixels.nbytes if pixels is not None else 0) + 200
+    return (
+        16 * (len(ex["ids"]) + len(ex["labels"]))
+        + (pixels.nbytes if pixels is not None else 0)
+        + 200
+    )
 
 
 class _ChatTask(TrainTask):
@@ -143,7 +147,9 @@ class _ChatTask(TrainTask):
     def _masked(self, n: int) -> None:
         if n == 0:
             self.counts["all_masked_batches"] += 1
-            sys.stdout.write(f"[train] warning: a batch at step {self._step} has no labelled token; it is skipped\n")
+            sys.stdout.write(
+                f"[train] warning: a batch at step {self._step} has no labelled token; it is skipped\n"
+            )
 
 
 class LmTask(_ChatTask):
@@ -161,7 +167,10 @@ class LmTask(_ChatTask):
         return LlamaForCausalLM(LlamaConfig(**self.lm_config))
 
     def text_ids(self, turns: list[dict[str, str]]) -> list[int]:
-        text_only = [{**t, "value": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")} for t in turns]
+        text_only = [
+            {**t, "value": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")}
+            for t in turns
+        ]
         ids, _ = encode_conversation(text_only, self.encode, self.chat_ids, image_tokens=0)
         return ids
 
@@ -188,7 +197,10 @@ class LmTask(_ChatTask):
         seqs = [s for s in seqs if len(s[0]) <= self.max_len]
         for i in range(0, len(seqs), 64):
             b = {k: v.to(dev) for k, v in pad_batch(seqs[i : i + 64], self.chat_ids.pad).items()}
-            loss, n = next_token_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            loss, n = next_token_loss(
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                b["labels"],
+            )
             total, count = total + float(loss) * n, count + n
         nll = total / max(count, 1)
         return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0))}
@@ -205,7 +217,12 @@ class LmTask(_ChatTask):
         model.save_pretrained(out_dir, safe_serialization=True)
         hf_tokenizer(Tokenizer.from_str(self.tokenizer_json)).save_pretrained(out_dir)
         with open(os.path.join(out_dir, "mmflow_lm.json"), "w") as f:
-            json.dump({**self.save_meta, "steps": self._step or self.train.max_steps}, f, indent=2, sort_keys=True)
+            json.dump(
+                {**self.save_meta, "steps": self._step or self.train.max_steps},
+                f,
+                indent=2,
+                sort_keys=True,
+            )
 
 
 class LlavaTask(_ChatTask):
@@ -222,7 +239,11 @@ class LlavaTask(_ChatTask):
         if mode not in ("align", "instruct"):
             raise ValueError(f"LlavaTask mode must be align or instruct, got {mode!r}")
         self.mode, self.sources, self.layout = mode, sources, layout
-        self.image_processor, self.image_tokens, self.train_vision = image_processor, image_tokens, train_vision
+        self.image_processor, self.image_tokens, self.train_vision = (
+            image_processor,
+            image_tokens,
+            train_vision,
+        )
         self.eval_set, self.gradient_checkpointing = eval_set, gradient_checkpointing
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._pixels = None
@@ -247,7 +268,9 @@ class LlavaTask(_ChatTask):
         else:
             from transformers import LlavaForConditionalGeneration
 
-            model = LlavaForConditionalGeneration.from_pretrained(materialize(self.sources["llava"]))
+            model = LlavaForConditionalGeneration.from_pretrained(
+                materialize(self.sources["llava"])
+            )
         set_trainable(model, projector=True, lm=self.mode == "instruct", vision=self.train_vision)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -304,7 +327,12 @@ class LlavaTask(_ChatTask):
         ip = self.image_processor
         cfg = {"mean": ip["mean"], "std": ip["std"],
                "interpolation": {0: "nearest", 2: "bilinear", 3: "bicubic"}[ip.get("resample", 3)]}  # fmt: skip
-        return processor_for(hf_tokenizer(self.tokenizer), clip_image_processor(cfg, ip["size"]), vision_config, self.layout)
+        return processor_for(
+            hf_tokenizer(self.tokenizer),
+            clip_image_processor(cfg, ip["size"]),
+            vision_config,
+            self.layout,
+        )
 
     def save(self, model, out_dir: str) -> None:
         from mmflow.models.llava import save_llava

@@ -82,7 +82,9 @@ def evaluate_llava(task, model, es: LlavaEvalSet) -> dict[str, float]:
     right = _answers(chat, es, shift=0)
     wrong = _answers(chat, es, shift=1)
     out.update(vqa_scores((q, a, t) for q, _, t, a, _ in right))
-    out["vqa_acc_wrong_image"] = vqa_scores((q, a, t) for q, _, t, a, _ in wrong).get("vqa_acc", 0.0)
+    out["vqa_acc_wrong_image"] = vqa_scores((q, a, t) for q, _, t, a, _ in wrong).get(
+        "vqa_acc", 0.0
+    )
     described = [description_match(a, es.scenes[i]) for q, _, _, a, i in right if q == DESCRIBE]
     if described:
         out["describe_match"] = float(np.mean(described))
@@ -105,7 +107,9 @@ def _val_nll(task, model, es: LlavaEvalSet) -> dict[str, float]:
     for i in range(0, len(seqs), 32):
         b = {k: v.to(dev) for k, v in pad_batch(seqs[i : i + 32], ids.pad).items()}
         px = torch.from_numpy(np.stack(es.val_pixels[i : i + 32])).to(dev, dtype)
-        logits = model(input_ids=b["input_ids"], pixel_values=px, attention_mask=b["attention_mask"]).logits
+        logits = model(
+            input_ids=b["input_ids"], pixel_values=px, attention_mask=b["attention_mask"]
+        ).logits
         loss, n = next_token_loss(logits, b["labels"])
         total, count = total + float(loss) * n, count + n
     name = "val_caption_nll" if task.mode == "align" else "val_answer_nll"
@@ -151,9 +155,15 @@ def _log(task, es: LlavaEvalSet, records, pictures: int = 8) -> None:
         mean, std = task.pixels.mean, task.pixels.std
         images, captions = [], []
         for i in range(min(pictures, len(es.pictures))):
-            rgb = ((es.pictures[i] * std + mean).clip(0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+            rgb = (
+                ((es.pictures[i] * std + mean).clip(0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+            )
             images.append(Image.fromarray(rgb))
-            lines = [f"{r[1]} {r[3]}" for r in records if r[4] == i and r[0] in ("color", "shape", "position")]
+            lines = [
+                f"{r[1]} {r[3]}"
+                for r in records
+                if r[4] == i and r[0] in ("color", "shape", "position")
+            ]
             captions.append(" | ".join(lines))
         log_image(task.tracking_uri, task.run_id, contact_sheet(images, captions, cols=4, cell=96, caption_lines=6),
                   f"answers/{step}")  # fmt: skip

@@ -22,9 +22,15 @@ class LlavaCommonParams(Params):
     )  # fmt: skip
     val_rows: int = Field(128, ge=0, description="held-out rows for the validation NLL")
     shuffle_buffer: int = Field(2048, ge=1)
-    cache_mb: int = Field(512, ge=0, description="a rank's examples kept in memory after epoch 1 (0 = stream every epoch)")
+    cache_mb: int = Field(
+        512,
+        ge=0,
+        description="a rank's examples kept in memory after epoch 1 (0 = stream every epoch)",
+    )
     gradient_checkpointing: bool = False
-    registered_model_name: str | None = Field(None, description="default '{pipeline}-{stage}'; '' = none")
+    registered_model_name: str | None = Field(
+        None, description="default '{pipeline}-{stage}'; '' = none"
+    )
 
 
 def tokenizer_json(model_dir: str) -> str:
@@ -45,7 +51,9 @@ def pixels_of_export(model_dir: str) -> dict[str, Any]:
     return pixels_of(AutoImageProcessor.from_pretrained(model_dir))
 
 
-def eval_set(ctx, pairs, *, kinds: tuple[str, ...], p: LlavaCommonParams, vqa_images: int, pixels: dict):
+def eval_set(
+    ctx, pairs, *, kinds: tuple[str, ...], p: LlavaCommonParams, vqa_images: int, pixels: dict
+):
     """:func:`mmflow.tasks.llava_eval.build_eval_set` in a Ray task on the stage's CPUs."""
     import ray
 
@@ -56,11 +64,17 @@ def eval_set(ctx, pairs, *, kinds: tuple[str, ...], p: LlavaCommonParams, vqa_im
                                val_rows=p.val_rows, vqa_images=vqa_images, pixels=pixels))  # fmt: skip
 
 
-def publish(ctx, p: LlavaCommonParams, final: dict[str, float], description: str, **info: Any) -> None:
+def publish(
+    ctx, p: LlavaCommonParams, final: dict[str, float], description: str, **info: Any
+) -> None:
     """Log and register the exported folder; record its manifest facts."""
     from mmflow.export.mlflow import publish_model
 
-    name = f"{ctx.pipeline}-{ctx.stage}" if p.registered_model_name is None else p.registered_model_name
+    name = (
+        f"{ctx.pipeline}-{ctx.stage}"
+        if p.registered_model_name is None
+        else p.registered_model_name
+    )
     registered = publish_model(ctx.outputs["model"], ctx.tracking_uri, ctx.run_id, name or None, description,
                                storage=ctx.storage)  # fmt: skip
     ctx.record_output(

@@ -117,3 +117,31 @@ def test_spec_errors_are_clear(tmp_path):
         resolve(ClipSpec(arch="ViT-B-32", pretrained="laion2b_s34b_b79k")).tag
         == "laion2b_s34b_b79k"
     )
+
+
+def test_open_clips_own_trainer_trains_on_mmflow_shards(saved, tmp_path):
+    """``python -m open_clip_train.main`` (shipped in open-clip-torch) reads mmflow's shards and
+    a clip_train-style folder (``local-dir:``) in the locked environment: the webdataset pin
+    (0.2.86; later ones break its ``group_by_keys_nothrow`` with ``KeyError: 'fname'``)."""
+    import glob
+    import subprocess
+    import sys
+
+    from mmflow.stages.synth_shapes import write_shard
+    from mmflow.storage import Storage
+
+    shapes = SynthShapesParams(num_samples=128, samples_per_shard=64, image_size=32)
+    for shard in range(2):
+        write_shard(shard, str(tmp_path / "shards"), shapes, Storage())
+    cmd = [
+        sys.executable, "-m", "open_clip_train.main", "--dataset-type", "webdataset",
+        "--train-data", str(tmp_path / "shards" / "{00000..00001}.tar"), "--train-num-samples", "128",
+        "--batch-size", "64", "--epochs", "1", "--model", f"local-dir:{saved[1]}", "--workers", "0",
+        "--device", "cpu", "--precision", "fp32", "--logs", str(tmp_path / "logs"), "--name", "run",
+        "--save-frequency", "1", "--report-to", "",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "logs" / "run" / "out.log").read_text()
+    assert "Train Epoch: 0 [128/128 (100%)]" in log and "Contrastive_loss" in log
+    assert glob.glob(str(tmp_path / "logs" / "run" / "checkpoints" / "epoch_1.pt"))
