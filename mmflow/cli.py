@@ -336,7 +336,14 @@ def cmd_chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `chat MODEL --image PIC QUESTION`: argparse gives the optional positional up before --image
+    chat_question = getattr(args, "command", None) == "chat" and args.question is None
+    if chat_question and len(extra) == 1 and not extra[0].startswith("-"):
+        args.question = extra.pop()
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return {
             "run": cmd_run,

@@ -71,7 +71,7 @@ class Chat:
         for i, p in enumerate(prompts):
             by_len[len(p)].append(i)
         answers: list[str] = [""] * len(prompts)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(cfg.seed)
         for rows in by_len.values():
             ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
             out = self._decode(ids, pixel_values[rows], cfg, gen, max_new_tokens)

@@ -51,19 +51,33 @@ def lm_arch_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-def lm_config(arch: str, overrides: dict[str, Any] | None = None, vocab_size: int = 1024):
-    """A ``LlamaConfig`` from a named architecture, ``overrides`` applied; unknown names fail."""
-    from transformers import LlamaConfig
+# LlamaConfig's architecture fields a named config or an override may set (checked without
+# importing transformers, so that a pipeline validates in a second)
+LLAMA_FIELDS = frozenset({
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "attention_dropout",
+    "mlp_bias", "tie_word_embeddings", "initializer_range", "pretraining_tp",
+})  # fmt: skip
 
+
+def lm_fields(arch: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A named architecture's Llama fields with ``overrides`` applied; unknown names fail."""
     path = CONFIG_DIR / f"{arch}.json"
     if not path.is_file():
         raise ValueError(f"unknown LM architecture {arch!r}; known: {', '.join(lm_arch_names())}")
     fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    unknown = set(overrides or {}) - set(LlamaConfig().to_dict())
+    unknown = (set(fields) | set(overrides or {})) - LLAMA_FIELDS
     if unknown:
         raise ValueError(f"LM architecture {arch!r}: unknown fields {sorted(unknown)}")
-    fields.update(overrides or {})
-    return LlamaConfig(vocab_size=vocab_size, **fields)
+    return {**fields, **(overrides or {})}
+
+
+def lm_config(arch: str, overrides: dict[str, Any] | None = None, vocab_size: int = 1024):
+    """A ``LlamaConfig`` from a named architecture (:func:`lm_fields`)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, **lm_fields(arch, overrides))
 
 
 @dataclass(frozen=True)
@@ -213,8 +227,9 @@ class Pixels:
         s = self.size
         if img.size != (s, s):
             w, h = img.size
-            scale = s / min(w, h)
-            img = img.resize((max(s, round(w * scale)), max(s, round(h * scale))), self.resample)
+            # the shorter side to s, the longer truncated, as CLIPImageProcessor and torchvision do
+            long = int(s * max(w, h) / min(w, h))
+            img = img.resize((s, long) if w <= h else (long, s), self.resample)
             w, h = img.size
             left, top = (w - s) // 2, (h - s) // 2
             img = img.crop((left, top, left + s, top + s))

@@ -59,7 +59,26 @@ def open_clip_vision(visual, model_cfg: dict[str, Any]):
                 src[f"{a}{old}.weight"],
                 src[f"{a}{old}.bias"],
             )
+    left = sorted(set(src) - _converted_names(config.num_hidden_layers))
+    if left:  # e.g. layer scale (ls_1.gamma): loading strictly would still compute another network
+        raise ValueError(
+            f"open_clip vision weights with no place in CLIPVisionModel: {', '.join(left[:4])} "
+            "(layer scale, qk-norm and scaled attention do not convert)"
+        )
     return config, out
+
+
+def _converted_names(layers: int) -> set[str]:
+    """The open_clip weights :func:`open_clip_vision` carries over (``proj`` is CLIP's
+    projection to the joint space, which LLaVA does not use)."""
+    names = {"class_embedding", "conv1.weight", "positional_embedding", "ln_pre.weight", "ln_pre.bias",
+             "ln_post.weight", "ln_post.bias", "proj"}  # fmt: skip
+    for i in range(layers):
+        a = f"transformer.resblocks.{i}."
+        names |= {a + "attn.in_proj_weight", a + "attn.in_proj_bias"}
+        names |= {f"{a}{n}.{w}" for n in ("attn.out_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
+                  for w in ("weight", "bias")}  # fmt: skip
+    return names
 
 
 def clip_image_processor(preprocess_cfg: dict[str, Any], image_size: int):

@@ -35,7 +35,7 @@ from mmflow.train.harness import absolute_tracking_uri
 
 AlignTrainConfig = TrainConfig.with_defaults(
     "AlignTrainConfig", "The harness's config, with llava_align's defaults.",
-    strategy="deepspeed", zero_stage=2, max_steps=150, batch_size=32, lr=3e-3, weight_decay=0.0,
+    strategy="deepspeed", zero_stage=2, max_steps=100, batch_size=32, lr=3e-3, weight_decay=0.0,
     warmup_steps=15, checkpoint_every=100, log_every=10,
 )  # fmt: skip
 

@@ -31,7 +31,7 @@ from mmflow.train import TrainConfig, fit
 
 LmTrainConfig = TrainConfig.with_defaults(
     "LmTrainConfig", "The harness's config, with lm_train's defaults.",
-    strategy="deepspeed", max_steps=150, batch_size=32, lr=3e-3, weight_decay=0.05,
+    strategy="deepspeed", max_steps=100, batch_size=32, lr=3e-3, weight_decay=0.05,
     warmup_steps=20, checkpoint_every=100, log_every=10,
 )  # fmt: skip
 
@@ -57,9 +57,9 @@ class LmTrainParams(Params):
     @model_validator(mode="after")
     def _check(self) -> LmTrainParams:
         if not self.pretrained:
-            from mmflow.models.llava import lm_config
+            from mmflow.models.llava import lm_fields
 
-            lm_config(self.arch, self.model_cfg)  # an unknown architecture or field fails at load
+            lm_fields(self.arch, self.model_cfg)  # an unknown architecture or field fails at load
         return self
 
 
