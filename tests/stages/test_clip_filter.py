@@ -230,10 +230,9 @@ def test_changing_a_filter_reruns_only_the_filter(filtered):
 # `python -m open_clip_train.main`, with one fix: open_clip_train 3.3 cannot read any webdataset
 # with webdataset >= 0.2.96, whose tar expander ends each shard with a {} marker that its
 # group_by_keys_nothrow does not expect (open_clip#935, webdataset#384); this turns the marker off.
+# open_clip's trainer as it ships: the lock's webdataset (0.2.86) is one it works with
 OPEN_CLIP_TRAIN = """
-import functools, sys
-import open_clip_train.data, webdataset.tariterators as tariterators
-open_clip_train.data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
+import sys
 from open_clip_train.main import main
 main(sys.argv[1:])
 """
