@@ -26,10 +26,11 @@ COLUMNS = ("id", "key", "kind", "conversations", "qtypes", "scene")
 
 
 def table_files(storage: Storage, table_uri: str) -> list[str]:
-    """The table's Parquet files, sorted; a clear error when there are none."""
-    files = sorted(
-        f.uri for f in storage.ls(table_uri) if f.name.endswith(".parquet") and not f.is_dir
-    )
+    """The table's Parquet files, sorted (the token table's listing); a clear error when there
+    are none."""
+    from mmflow.data.token_table import table_files as parquet_files
+
+    files = parquet_files(table_uri)
     if not files:
         raise ValueError(f"no Parquet files in {table_uri} (an instruction table's output?)")
     return files

@@ -84,6 +84,7 @@ class LmTrain(Stage):
         p: LmTrainParams = ctx.params
         if p.pretrained:
             return self._pretrained(ctx, p)
+        import torch
         from transformers import LlamaForCausalLM
 
         from mmflow.data.text_tokenizer import TextTokenizer
@@ -106,7 +107,8 @@ class LmTrain(Stage):
         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
         val = _turns(heldout_rows(pairs, kinds=kinds, holdout_fraction=p.holdout_fraction, limit=p.val_rows,
                                   images=False, one_per_picture=False))  # fmt: skip
-        params = sum(x.numel() for x in LlamaForCausalLM(cfg).parameters())
+        with torch.device("meta"):  # counted without allocating (lm-1b would take GBs here)
+            params = sum(x.numel() for x in LlamaForCausalLM(cfg).parameters())
         print(f"[{ctx.stage}] {p.arch}: {params / 1e6:.2f}M parameters, vocabulary "
               f"{cfg.vocab_size} ({tok.source}); {len(val)} held-out texts", flush=True)  # fmt: skip
         task = LmTask(
