@@ -23,6 +23,7 @@ from mmflow.runner import Runner
 from mmflow.stage import Resources, Stage, StageContext
 from mmflow.storage import Storage
 from tests.conftest import pipeline_yaml
+from tests.faults import killed_once
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -267,7 +268,7 @@ def test_zero2_on_two_workers_killed_part_way_resumes_to_the_same_step(trained, 
 
     runner, _ = trained
     task = _task_like_the_stage(runner)
-    killing = _killed_once(task, str(tmp_path / "killed"), at_step=7)
+    killing = killed_once(task, str(tmp_path / "killed"), at_step=7)
     ctx = StageContext(
         pipeline="p", stage="instruct", params=None, resources=Resources(cpus=1, workers=2),
         inputs={}, outputs={"model": str(tmp_path / "model")}, work_uri=str(tmp_path / "work"),
@@ -278,24 +279,6 @@ def test_zero2_on_two_workers_killed_part_way_resumes_to_the_same_step(trained, 
     assert os.path.exists(tmp_path / "killed") and final["step"] == 12
     assert json.load(open(tmp_path / "model" / "mmflow_llava.json"))["steps"] == 12
     assert (tmp_path / "model" / "model.safetensors").exists()
-
-
-def _killed_once(task, marker: str, at_step: int):
-    """The stage's task whose rank 1 process dies at ``at_step`` the first time (a lost worker)."""
-    from mmflow.tasks.llava import LlavaTask
-
-    class KilledOnce(LlavaTask):
-        def loss(self, model, batch):
-            import torch.distributed as dist
-
-            if batch["step"] == at_step and dist.get_rank() == 1 and not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(1)
-            return super().loss(model, batch)
-
-    killing = KilledOnce.__new__(KilledOnce)
-    killing.__dict__.update(task.__dict__)
-    return killing
 
 
 def _task_like_the_stage(runner):
