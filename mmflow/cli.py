@@ -212,11 +212,12 @@ def cmd_status(args) -> int:
 def _print_why(w, shown: set) -> None:
     """``STAGE is stale: ...`` and what changed, each input change followed by what changed in
     its upstream stage, indented; an upstream reached twice (a diamond) explained once."""
+    verb = "failed" if w.state == "failed" else f"is {w.state}"
     if not w.changes or w.state == "done":
-        print(f"{w.stage} is {w.state}: {w.note}")
+        print(f"{w.stage} {verb}: {w.note}")
         return
     print(
-        f"{w.stage} is {w.state}: fingerprint {w.fingerprint}, its committed output "
+        f"{w.stage} {verb}: fingerprint {w.fingerprint}, its committed output "
         f"{w.committed}; changed since:"
     )
     _print_changes(w, "  ", shown)

@@ -105,6 +105,19 @@ def test_why_a_done_stage_and_a_never_run_one(committed, tmp_path):
     assert why.note == "no output was ever committed"
 
 
+def test_why_a_failed_stage_gives_its_error(write_pipeline, tmp_path, ray_session):
+    from mmflow.runner import Runner, StageFailed
+
+    path = write_pipeline(TOY % (tmp_path / "fail-once"))
+    with pytest.raises(StageFailed):
+        Runner(load_pipeline(path)).run()
+    why = runner(path).why("total")
+    assert (why.state, why.committed, why.changes) == ("failed", None, [])
+    assert why.note == (
+        "the last attempt failed: RuntimeError: injected failure; no output was ever committed"
+    )
+
+
 def test_why_names_the_changed_param_with_old_and_new_value(committed):
     plan = runner(committed, "total.params.scale=3")
     why = plan.why("total")
