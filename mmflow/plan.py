@@ -192,12 +192,9 @@ class Plan:
             )
             if man.get(key, ABSENT) != new
         ]
-        old_params = _flat(man.get("params", {}))
-        new_params = _flat(cfg.params.model_dump(mode="json"))
-        for key in sorted(set(old_params) | set(new_params)):
-            old, new = old_params.get(key, ABSENT), new_params.get(key, ABSENT)
-            if old != new:
-                changes.append(Change("param", key, old, new))
+        new_params = cfg.params.model_dump(mode="json")
+        for key, old, new in _diff(man.get("params", {}), new_params):
+            changes.append(Change("param", key, old, new))
         changes += self._input_changes(stage, man.get("inputs", {}))
         missing = [k for k in ("type", "code_version", "params", "inputs") if k not in man]
         if missing:
@@ -281,12 +278,14 @@ class Plan:
         return shlex.join(args)
 
 
-def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested params -> ``{"a.b": value}``."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
+def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) where two params trees differ, into the mappings both have."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [(prefix, old, new)]
+    out = []
+    for k in sorted(set(old) | set(new)):
         key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flat(v, key) if isinstance(v, dict) and v else {key: v})
+        out += _diff(old.get(k, ABSENT), new.get(k, ABSENT), key)
     return out
 
 

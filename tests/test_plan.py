@@ -141,6 +141,18 @@ def test_why_follows_a_changed_input_to_the_upstream_param(committed):
     assert _changes(because) == [("param", "offset", 0, 5)]
 
 
+def test_why_compares_params_as_trees():
+    from mmflow.plan import _diff
+
+    old = {"arch": "a", "model_cfg": None, "train": {"max_steps": 150, "lr": 0.1}}
+    new = {"arch": "a", "model_cfg": {"dim": 64}, "train": {"max_steps": 10, "lr": 0.1, "new": 1}}
+    assert _diff(old, new) == [
+        ("model_cfg", None, {"dim": 64}),
+        ("train.max_steps", 150, 10),
+        ("train.new", ABSENT, 1),
+    ]
+
+
 def test_why_names_a_bumped_code_version(committed, monkeypatch):
     from tests.toy_stages import ToySum
 
