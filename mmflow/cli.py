@@ -204,40 +204,8 @@ def cmd_status(args) -> int:
         print("every stage is done: nothing to explain")
     shown: set[tuple[str, str | None]] = set()
     for w in why.values():
-        print()
-        _print_why(w, shown)
+        print("\n" + "\n".join(w.lines(shown)))
     return 0
-
-
-def _print_why(w, shown: set) -> None:
-    """``STAGE is stale: ...`` and what changed, each input change followed by what changed in
-    its upstream stage, indented; an upstream reached twice (a diamond) explained once."""
-    verb = "failed" if w.state == "failed" else f"is {w.state}"
-    if not w.changes or w.state == "done":
-        print(f"{w.stage} {verb}: {w.note}")
-        return
-    print(
-        f"{w.stage} {verb}: fingerprint {w.fingerprint}, its committed output "
-        f"{w.committed}; changed since:"
-    )
-    _print_changes(w, "  ", shown)
-    if w.note:
-        print(f"  ({w.note})")
-
-
-def _print_changes(w, indent: str, shown: set) -> None:
-    for c in w.changes:
-        b = c.because
-        if b is None:
-            print(f"{indent}{c.describe()}")
-        elif (b.stage, b.committed) in shown:
-            print(f"{indent}{c.describe()} ({b.stage}: as above)")
-        elif not b.changes:
-            print(f"{indent}{c.describe()}, because in {b.stage}: {b.note}")
-        else:
-            shown.add((b.stage, b.committed))
-            print(f"{indent}{c.describe()}, because in {b.stage}:")
-            _print_changes(b, indent + "  ", shown)
 
 
 def cmd_stages(args) -> int:

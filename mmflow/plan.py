@@ -113,6 +113,34 @@ class Why:
     changes: list[Change]
     note: str = ""
 
+    def lines(self, shown: set[tuple[str, str | None]]) -> list[str]:
+        """``STAGE is stale: ...`` and what changed, each input change followed by what changed
+        in its upstream stage, indented; an upstream in ``shown`` (explained above: a diamond
+        in the DAG reaches it twice) is not explained again."""
+        verb = "failed" if self.state == "failed" else f"is {self.state}"
+        if not self.changes or self.state == "done":
+            return [f"{self.stage} {verb}: {self.note}"]
+        out = [f"{self.stage} {verb}: fingerprint {self.fingerprint}, its committed output "
+               f"{self.committed}; changed since:"]  # fmt: skip
+        out += self._change_lines("  ", shown)
+        return out + ([f"  ({self.note})"] if self.note else [])
+
+    def _change_lines(self, indent: str, shown: set[tuple[str, str | None]]) -> list[str]:
+        out = []
+        for c in self.changes:
+            b = c.because
+            if b is None:
+                out.append(f"{indent}{c.describe()}")
+            elif (b.stage, b.committed) in shown:
+                out.append(f"{indent}{c.describe()} ({b.stage}: as above)")
+            elif not b.changes:
+                out.append(f"{indent}{c.describe()}, because in {b.stage}: {b.note}")
+            else:
+                shown.add((b.stage, b.committed))
+                out.append(f"{indent}{c.describe()}, because in {b.stage}:")
+                out += b._change_lines(indent + "  ", shown)
+        return out
+
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("stage", "state", "fingerprint", "committed")}
         d["changes"] = [c.to_json() for c in self.changes]
