@@ -237,20 +237,13 @@ class Plan:
         new_inputs = self.p.stages[stage].inputs
         for name in sorted(set(old_inputs) | set(new_inputs)):
             old, ref = old_inputs.get(name), new_inputs.get(name)
-            was = f"{old['stage']}.{old['output']}@{old['fingerprint']}" if old else ABSENT
-            now = f"{ref.stage}.{ref.output}@{self.fingerprints[ref.stage]}" if ref else ABSENT
-            if (
-                ref
-                and old
-                and (old["output"], old["fingerprint"])
-                == (
-                    ref.output,
-                    self.fingerprints[ref.stage],
-                )
-            ):
+            now_fp = self.fingerprints[ref.stage] if ref else None
+            if ref and old and (old["output"], old["fingerprint"]) == (ref.output, now_fp):
                 continue
+            was = f"{old['stage']}.{old['output']}@{old['fingerprint']}" if old else ABSENT
+            now = f"{ref.stage}.{ref.output}@{now_fp}" if ref else ABSENT
             change = Change("input", name, was, now, ref.stage if ref else None)
-            if ref and old and old["fingerprint"] != self.fingerprints[ref.stage]:
+            if ref and old and old["fingerprint"] != now_fp:
                 change.because = self._upstream(ref.stage, old["fingerprint"])
             out.append(change)
         return out
