@@ -11,8 +11,8 @@ Each runs ``--repeats`` times (3), alternately, and the medians are reported. Ta
 cached rerun <= 10 s, status <= 3 s on the 2-core machine.
 
 The fully cached store is built once in ``--workdir``, by the quickstart itself at tiny sizes
-(``--set`` overrides: 256 samples, 4 steps per training stage; several minutes, mostly Ray Train
-starting six times), unless it is already complete there. ``--store DIR`` uses an existing
+(``--set`` overrides: 256 samples, 4 steps per training stage; 19 minutes on a busy 2-core
+machine, mostly Ray Train starting six times), unless it is already complete there. ``--store DIR`` uses an existing
 quickstart store instead, at the YAML's sizes: ``DIR/mmflow-data`` and ``DIR/mlflow.db`` as a
 fresh clone's ``mmflow run pipelines/quickstart.yaml`` leaves them (the database is copied into
 the work folder, so DIR is only read).
