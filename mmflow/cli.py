@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="state of every stage: done, stale, missing or failed")
     _pipeline_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--why",
+        nargs="?",
+        const="",
+        metavar="STAGE",
+        help="what changed (param, input fingerprint, code version) since the committed output "
+        "of STAGE, or of every stage that is not done",
+    )
 
     stages = sub.add_parser("stages", help="list stage types with their params and defaults")
     stages.add_argument("--json", action="store_true")
@@ -161,11 +169,23 @@ def cmd_status(args) -> int:
     from mmflow.plan import Plan
 
     pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
-    rows = Plan(pipeline).status()
-    if args.json:
+    plan = Plan(pipeline)
+    rows = plan.status()
+    if args.why and args.why not in pipeline.stages:
         print(
-            json.dumps({"pipeline": pipeline.name, "stages": [r.to_json() for r in rows]}, indent=2)
+            f"mmflow: {args.pipeline}: no stage {args.why!r} "
+            f"(stages: {', '.join(pipeline.stages)})",
+            file=sys.stderr,
         )
+        return EXIT_USAGE
+    why = {}
+    if args.why is not None:
+        names = [args.why] if args.why else [r.name for r in rows if r.state != "done"]
+        why = {n: plan.why(n) for n in names}
+    if args.json:
+        stages = [{**r.to_json(), **({"why": why[r.name].to_json()} if r.name in why else {})}
+                  for r in rows]  # fmt: skip
+        print(json.dumps({"pipeline": pipeline.name, "stages": stages}, indent=2))
         return 0
     print(
         f"pipeline {pipeline.name}  storage {redact_uri(pipeline.storage)}  "
@@ -180,6 +200,11 @@ def cmd_status(args) -> int:
             print(f"  {'':<16} output {r.output}")
         if r.error:
             print(f"  {'':<16} error  {r.error}")
+    if args.why is not None and not why:
+        print("every stage is done: nothing to explain")
+    shown: set[tuple[str, str | None]] = set()
+    for w in why.values():
+        print("\n" + "\n".join(w.lines(shown)))
     return 0
 
 

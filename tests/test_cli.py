@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -102,3 +103,65 @@ def test_stages_lists_params_with_defaults():
     info = json.loads(r.stdout)["synth_shapes"]
     assert info["params"]["num_samples"]["default"] == 2048
     assert info["outputs"] == {"shards": "shards"}
+
+
+def test_status_why_explains_a_stale_stage(write_pipeline, ray_session):
+    from tests.test_runner import TOY
+
+    path = write_pipeline(TOY % "")
+    assert run_cli("run", path).returncode == 0
+    r = run_cli("status", path, "--set", "numbers.params.n=5", "--why", "total")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    at = lines.index(next(x for x in lines if x.startswith("total is stale: fingerprint ")))
+    assert lines[at + 1].startswith("  input numbers: numbers.numbers ")
+    assert lines[at + 1].endswith(", because in numbers:")
+    assert lines[at + 2] == "    param n: 3 -> 5"
+    r = run_cli("status", path, "--set", "total.params.scale=2", "--why", "--json")
+    rows = {s["name"]: s for s in json.loads(r.stdout)["stages"]}
+    assert "why" not in rows["numbers"]  # done: only stages that are not done are explained
+    assert rows["total"]["why"]["changes"] == [
+        {"what": "param", "name": "scale", "old": 1, "new": 2}
+    ]
+    r = run_cli("status", path, "--why", "total")
+    assert "total is done: its committed output has this fingerprint" in r.stdout
+    r = run_cli("status", path, "--why", "totl")
+    assert r.returncode == 2 and "no stage 'totl' (stages: numbers, total)" in r.stderr
+
+
+HEAVY = ("torch", "ray", "transformers", "open_clip", "deepspeed")
+PROBE = f"""
+import json, sys
+from mmflow.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({{"code": code, "imported": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+
+
+def test_status_and_a_cached_run_import_no_torch_and_no_ray(tmp_path):
+    """The control path of the quickstart: ``status`` and a run where every stage is a cache
+    hit load every stage type but never import torch or Ray (so never start Ray). The store
+    is every stage's manifest at its fingerprint, as a commit leaves it; nothing reads more."""
+    from mlflow import MlflowClient
+
+    from mmflow.config import load_pipeline
+    from mmflow.plan import Plan
+
+    store, turi = str(tmp_path / "store"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = Plan(load_pipeline(QUICKSTART, storage=store, tracking_uri=turi))
+    for name, cfg in plan.p.stages.items():
+        outputs = {o: {"kind": k, "uri": os.path.join(plan.uri(name), o)}
+                   for o, k in cfg.stage_type.outputs.items()}  # fmt: skip
+        plan.storage.write_json(os.path.join(plan.uri(name), "_MANIFEST.json"), {
+            "fingerprint": plan.fingerprints[name], "outputs": outputs, "mlflow_run_id": "r0"})  # fmt: skip
+    args = [QUICKSTART, "--storage", store, "--tracking-uri", turi]
+    for command in ("status", "run"):
+        r = subprocess.run([sys.executable, "-c", PROBE, command, *args],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout.splitlines()[-1]) == {"code": 0, "imported": []}
+    assert "0 executed, 10 cached" in r.stdout
+    client = MlflowClient(turi)
+    [parent] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    cached = {k for k, v in parent.data.tags.items() if k.startswith("mmflow.cached.")}
+    assert cached == {f"mmflow.cached.{n}" for n in plan.p.stages}

@@ -37,46 +37,28 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmflow.models.common.transformer import Decoder, KVCache, TransformerConfig, init_weights
+from mmflow.models.common.transformer import Decoder, KVCache, init_weights
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "joint"
+# the configs are torch-free (a pipeline loads without torch); re-exported here
+from mmflow.models.joint_config import (  # noqa: F401
+    CONFIG_DIR,
+    JointConfig,
+    joint_config,
+    list_archs,
+)
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = (
     "joint.json"  # {"arch", "config": JointConfig fields, "vocab": JointVocab fields, ...meta}
 )
 IGNORE = -100  # target id that carries no loss (F.cross_entropy's default ignore_index)
 TEXT, IMAGE = 0, 1  # stream ids
-
-
-@dataclass(frozen=True, kw_only=True)
-class JointConfig(TransformerConfig):
-    z_loss: float = 0.0  # weight of mean(logsumexp(logits) ** 2); Chameleon used 1e-5
-    tie_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.z_loss < 0:
-            raise ValueError(f"JointConfig.z_loss must be >= 0, got {self.z_loss}")
-
-    def num_params(self, vocab_size: int) -> int:
-        """Parameter count from the config alone (no model is built)."""
-        embeddings = vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.block_params() + embeddings
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> JointConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown JointConfig keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**d)
 
 
 # --- the vocabulary and the sequences -----------------------------------------------------------
@@ -317,18 +299,6 @@ def joint_losses(
 
 
 # --- registry, saving and loading ---------------------------------------------------------------
-
-
-def list_archs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def joint_config(arch: str, overrides: Mapping[str, Any] | None = None) -> JointConfig:
-    """A named architecture, with fields replaced by ``overrides``."""
-    path = CONFIG_DIR / f"{arch}.json"
-    if not path.exists():
-        raise ValueError(f"unknown joint architecture {arch!r} (known: {', '.join(list_archs())})")
-    return JointConfig.from_dict({**json.loads(path.read_text()), **(overrides or {})})
 
 
 def create_joint(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,59 +31,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "vqgan"  # one folder per model family
+# the configs are torch-free (a pipeline loads without torch); re-exported here
+from mmflow.models.vqgan_config import (  # noqa: F401
+    CONFIG_DIR,
+    VQGANConfig,
+    list_archs,
+    vqgan_config,
+)
+
 WEIGHTS_FILE = "vqgan.pt"  # the generator's state dict (no discriminator)
 CONFIG_FILE = "vqgan.json"  # {"arch": ..., "config": VQGANConfig fields, ...meta}
-
-
-@dataclass(frozen=True, kw_only=True)
-class VQGANConfig:
-    image_size: int = 32  # training and preprocessing resolution (the model is convolutional)
-    channels: int = 64  # width of the first level
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # one level each; f = 2 ** (levels - 1)
-    num_res_blocks: int = 1  # per level in the encoder (the decoder has one more)
-    attn_resolutions: tuple[int, ...] = ()  # feature-map sides with self-attention
-    mid_attention: bool = True  # attention in the middle block, at the token grid
-    z_channels: int = 64  # encoder output / decoder input width
-    dropout: float = 0.0
-    codebook_size: int = 512
-    codebook_dim: int = 8  # low: LlamaGen's lookup keeps usage high in 8 dimensions
-    commitment_beta: float = 0.25  # encoder commitment, relative to the codebook loss
-    usage_decay: float = 0.98  # EMA of each code's share of tokens
-    dead_threshold: float = 0.1  # a code is dead below this fraction of the mean share 1/K
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
-        widths = [self.channels * m for m in self.channel_mult] + [self.z_channels]
-        if not self.channel_mult or any(w % 8 for w in widths):
-            raise ValueError(f"channel widths {widths} must be multiples of 8 (group norm)")
-        if self.image_size % self.downsample_factor:
-            raise ValueError(
-                f"image_size {self.image_size} is not divisible by f={self.downsample_factor}"
-            )
-        if self.codebook_size < 2 or self.codebook_dim < 1 or self.num_res_blocks < 1:
-            raise ValueError("codebook_size >= 2, codebook_dim >= 1 and num_res_blocks >= 1 please")
-        if not 0 < self.usage_decay < 1:
-            raise ValueError("usage_decay must be in (0, 1)")
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.downsample_factor
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VQGANConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown VQ-GAN config keys {sorted(unknown)} (known: {sorted(known)})"
-            )
-        return cls(**d)
 
 
 # --- building blocks ----------------------------------------------------------------------------
@@ -355,18 +312,6 @@ def to_pil(x: torch.Tensor):
     from PIL import Image
 
     return Image.fromarray((to_unit(x) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def list_archs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def vqgan_config(arch: str, overrides: dict[str, Any] | None = None) -> VQGANConfig:
-    """A named architecture, with fields replaced by ``overrides``."""
-    path = CONFIG_DIR / f"{arch}.json"
-    if not path.exists():
-        raise ValueError(f"unknown VQ-GAN architecture {arch!r} (known: {', '.join(list_archs())})")
-    return VQGANConfig.from_dict({**json.loads(path.read_text()), **(overrides or {})})
 
 
 def create_vqgan(cfg: VQGANConfig | str) -> tuple[VQGAN, Preprocess]:

@@ -91,7 +91,7 @@ class JointTrainParams(Params):
         return self
 
     def model_config_(self):
-        from mmflow.models.joint import joint_config
+        from mmflow.models.joint_config import joint_config
 
         return joint_config(self.arch, self.model_cfg)
 

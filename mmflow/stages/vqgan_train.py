@@ -44,7 +44,7 @@ from mmflow.train import TrainConfig, fit
 from mmflow.train.harness import absolute_tracking_uri
 
 if TYPE_CHECKING:  # the model code imports torch; this module stays light for config loading
-    from mmflow.models.vqgan import VQGANConfig
+    from mmflow.models.vqgan_config import VQGANConfig
     from mmflow.models.vqgan_losses import VQGANLossConfig
 
 
@@ -114,7 +114,7 @@ class VqganTrainParams(Params):
         return self
 
     def model_config_(self) -> VQGANConfig:
-        from mmflow.models.vqgan import vqgan_config
+        from mmflow.models.vqgan_config import vqgan_config
 
         return vqgan_config(self.arch, self.model_cfg)
 
