@@ -29,7 +29,8 @@ from tests.conftest import MMFLOW, ROOT
 QUICKSTART = os.path.join(ROOT, "pipelines", "quickstart.yaml")
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run does)"
+    CHROMIUM is None,
+    reason="no chromium on PATH (infra/test-packages.sh installs it: apt-get install chromium)",
 )
 SMALL = [  # the quickstart's first two stages, shrunk
     "synth.params.num_samples=128",
