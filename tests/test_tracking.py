@@ -203,3 +203,12 @@ def test_a_training_run_logs_system_metrics_until_it_ends(tmp_path, monkeypatch)
     steps = len(client.get_metric_history(train, "system/cpu_utilization_percentage"))
     time.sleep(1.5)
     assert len(client.get_metric_history(train, "system/cpu_utilization_percentage")) == steps
+
+
+def test_a_long_run_names_its_first_stages_and_counts_the_rest():
+    from mmflow.tracking import parent_run_name
+
+    ran = ["synth", "clip_train", "clip_filter", "vqgan_train", "pretokenize"]
+    assert parent_run_name("q", ran, []) == "q: synth, clip_train, clip_filter and 2 more"
+    assert parent_run_name("q", ran[:1], ran[1:]) == "q: synth (+4 cached)"
+    assert parent_run_name("q", [], [], "KILLED") == "q: nothing run, killed"
