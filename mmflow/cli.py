@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, help="server processes (default: MLflow's, 4)")
 
     decode = sub.add_parser("decode", help="decode rows of a token table back to PNGs")
     decode.add_argument(
@@ -249,23 +250,17 @@ def cmd_stages(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    uri = args.tracking_uri
-    if not uri and args.pipeline:
-        uri = load_pipeline(args.pipeline).tracking_uri
-    uri = resolve_tracking_uri(uri)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    print(f"[mmflow] MLflow UI on http://{args.host}:{args.port} for {redact_uri(uri)}", flush=True)
+    """``mlflow ui`` on the pipeline's store, after printing where its runs are."""
+    from mmflow.tracking import ui_url
+
+    pipeline = load_pipeline(args.pipeline) if args.pipeline else None
+    uri = resolve_tracking_uri(args.tracking_uri or (pipeline.tracking_uri if pipeline else None))
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # where a browser goes
+    url = ui_url(uri, f"http://{host}:{args.port}", pipeline.name if pipeline else None)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    cmd += ["--host", args.host, "--port", str(args.port)]
+    cmd += ["--workers", str(args.workers)] if args.workers else []
+    print(f"[mmflow] MLflow UI for {redact_uri(uri)}: {url}", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
 

@@ -79,7 +79,7 @@ class Runner(Plan):
         from mmflow.tracking import Tracker, flatten
 
         chosen = self.select(only, from_stage)
-        tracker = Tracker(self.p.tracking_uri, self.p.name)
+        tracker = Tracker(self.p.tracking_uri, self.p.name, self.p.path)
         params = {
             "pipeline_file": self.p.path,
             "storage": redact_uri(self.root),
@@ -189,7 +189,8 @@ class Runner(Plan):
         from mmflow.tracking import flatten
 
         cfg, fp = self.p.stages[name], self.fingerprints[name]
-        run_id = tracker.start_stage(name, cfg.type, fp, attempt.base)
+        trains = "model" in cfg.stage_type.outputs.values()  # its run logs system metrics
+        run_id = tracker.start_stage(name, cfg.type, fp, attempt.base, system_metrics=trains)
         params = {
             "params": cfg.params.model_dump(mode="json"),
             "resources": cfg.resources.model_dump(),

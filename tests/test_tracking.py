@@ -117,3 +117,98 @@ def test_uris_with_credentials_are_redacted_in_tags_and_params(tmp_path):
     text = "\n".join(stored)
     assert "hunter2" not in text and "tok123" not in text and "sig456" not in text, text
     assert "postgresql://me:***@db/mlflow" in text and "http://me:***@store/out" in text
+
+
+TOY = """
+numbers:
+  type: tests.toy_stages:ToyNumbers
+  params: {n: 2}
+total:
+  type: tests.toy_stages:ToySum
+  inputs: {numbers: numbers}
+  params: {fail_once_marker: "%s"}
+"""
+
+
+def test_runs_are_named_after_what_ran_and_name_their_source(write_pipeline, tmp_path, ray_session):
+    """The parent's name says which stages ran and how many were cached (or where it failed);
+    every run names the pipeline file and its code version where MLflow's table shows them."""
+    from mmflow import __version__
+    from mmflow.runner import StageFailed
+
+    path = write_pipeline(TOY % (tmp_path / "fail-once"))
+    with pytest.raises(StageFailed):
+        Runner(load_pipeline(path)).run()
+    first = Runner(load_pipeline(path)).run()  # numbers is cached now, total runs
+    again = Runner(load_pipeline(path)).run()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("t")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_name for r in parents] == [
+        "t: numbers, total, failed at total",
+        "t: total (+1 cached)",
+        "t: all 2 cached",
+    ]
+    assert [r.info.run_id for r in parents[1:]] == [first.parent_run_id, again.parent_run_id]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [r.info.run_name for r in children] == ["numbers", "total", "total"]
+    for run in runs:  # tmp_path is no git checkout: the version is mmflow's
+        assert run.data.tags["mlflow.source.name"] == os.path.abspath(path)
+        assert run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.source.git.commit"] == __version__
+
+
+def test_an_existing_experiment_is_tagged_as_model_training_unless_it_says_otherwise(tmp_path):
+    from mmflow.tracking import Tracker, ui_url
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = mlflow.MlflowClient(uri)
+    old = client.create_experiment("old")
+    mine = client.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
+    Tracker(uri, "old"), Tracker(uri, "mine")
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
+    url = ui_url(uri, "http://h:1", "new")
+    new = client.get_experiment_by_name("new")
+    assert url == f"http://h:1/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
+
+
+def test_a_training_run_logs_system_metrics_until_it_ends(tmp_path, monkeypatch):
+    """MLflow's own monitor samples CPU and memory into a training stage's run and stops with
+    it; other stages' runs get none."""
+    import threading
+
+    from mmflow.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracker = Tracker(uri, "sys")
+    tracker.start_parent("mmflow run sys.yaml", {})
+    train = tracker.start_stage("train", "toy", "f" * 16, "/out/train", system_metrics=True)
+    data = tracker.start_stage("data", "toy", "e" * 16, "/out/data")
+    deadline = time.time() + 60
+    client = mlflow.MlflowClient(uri)
+    while time.time() < deadline and len(client.get_run(train).data.metrics) < 2:
+        time.sleep(0.5)
+    tracker.end(data)
+    tracker.end(train)
+    logged = client.get_run(train).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        logged
+    ), logged
+    assert client.get_run(data).data.metrics == {}
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+    steps = len(client.get_metric_history(train, "system/cpu_utilization_percentage"))
+    time.sleep(1.5)
+    assert len(client.get_metric_history(train, "system/cpu_utilization_percentage")) == steps
+
+
+def test_a_long_run_names_its_first_stages_and_counts_the_rest():
+    from mmflow.tracking import parent_run_name
+
+    ran = ["synth", "clip_train", "clip_filter", "vqgan_train", "pretokenize"]
+    assert parent_run_name("q", ran, []) == "q: synth, clip_train, clip_filter and 2 more"
+    assert parent_run_name("q", ran[:1], ran[1:]) == "q: synth (+4 cached)"
+    assert parent_run_name("q", [], [], "KILLED") == "q: nothing run, killed"
