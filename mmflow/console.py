@@ -60,7 +60,7 @@ class Console:
                 BarColumn(bar_width=24),
                 TextColumn("{task.fields[info]}", markup=False),
                 TimeElapsedColumn(),
-                console=RichConsole(file=self.stream, force_terminal=True),
+                console=RichConsole(file=self.stream, force_terminal=True, soft_wrap=True),
                 redirect_stdout=self.stream is sys.stdout,
                 redirect_stderr=self.stream is sys.stdout,
                 refresh_per_second=4,

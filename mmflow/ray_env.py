@@ -3,9 +3,11 @@ a console is installed (``mmflow.console``), Ray's own output kept off it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
+import sys
 import tempfile
 
 from mmflow import progress
@@ -30,6 +32,7 @@ def ensure_ray() -> None:
     buffer = _hold_driver_logs(verbose=not quiet) if console is not None else None
     if quiet:
         _to_root("ray")
+        _quiet_ray_data()  # before the workers start: they inherit its settings
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, configure_logging=not quiet)
     else:
@@ -43,17 +46,26 @@ def ensure_ray() -> None:
             configure_logging=False,
             runtime_env={"worker_process_setup_hook": "mmflow.ray_env.gcs_actor_liveness"},
         )
-    if console is None:
-        return
+    if console is not None:
+        _console_after_init(console, buffer, quiet)
+
+
+def _console_after_init(console, buffer, quiet: bool) -> None:
+    """The driver's log file in Ray's log folder, worker output through the console, and one
+    line saying which Ray this is and where its logs are."""
+    import ray
+
     logs = _logs_dir()
     path = _write_driver_logs(buffer, os.path.join(logs, DRIVER_LOG))
     console.log_file = path
     _filter_worker_output(console, verbose=not quiet)
     if quiet:
-        _quiet_ray_data()
-        _to_root("ray", "ray.data")
+        _to_root("ray")  # ray.init may have given it a handler again
+    which = "a local instance"
+    if os.environ.get("RAY_ADDRESS"):
+        which = f"joined the cluster at {ray.get_runtime_context().gcs_address}"
     shown = "shown here" if not quiet else "--verbose shows them here"
-    progress.say(f"[mmflow] Ray's logs: {logs} (this driver's: {path}; {shown})")
+    progress.say(f"[mmflow] Ray: {which}; its logs: {logs} (this driver's: {path}; {shown})")
 
 
 def _hold_driver_logs(verbose: bool) -> logging.handlers.MemoryHandler:
@@ -134,14 +146,43 @@ def _to_root(*names: str) -> None:
         logger.propagate = True
 
 
-def _quiet_ray_data() -> None:
-    """Ray Data in this driver: no progress bars or execution notes (the console shows the
-    stages' own progress); its log goes on to ray-data.log in Ray's log folder."""
-    from ray.data import DataContext
+# Ray Data's logging config (RAY_DATA_LOGGING_CONFIG) less its console handler: its notes
+# ("Starting execution of Dataset ...", operator status) go to ray-data.log only.
+RAY_DATA_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "ray": {"format": "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"}
+    },
+    "handlers": {
+        "file": {
+            "class": "ray.data._internal.logging.SessionFileHandler",
+            "formatter": "ray",
+            "filename": "ray-data.log",
+        }
+    },
+    "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file"], "propagate": False}},
+}
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+
+def _quiet_ray_data() -> None:
+    """Ray Data in this driver: no progress bars (the console shows the stages' own) and no
+    log lines on the terminal. Set before ``ray.data`` is imported (importing it here would
+    cost seconds a stage without Ray Data does not need); adjusted in place if it is."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if "ray.data" in sys.modules:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        _to_root("ray.data")
+        return
+    path = os.path.join(tempfile.gettempdir(), "mmflow-ray-data-logging.json")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(RAY_DATA_LOGGING, f)
+        os.replace(tmp, path)
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", path)
 
 
 def gcs_actor_liveness() -> None:

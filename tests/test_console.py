@@ -217,7 +217,7 @@ def test_a_terminal_shows_progress_and_summaries_and_no_chatter(tmp_path):
     assert code == 0, shown[-4000:]
     assert "\x1b[" in raw  # a live display, not plain lines
     assert [line for line in lines if CHATTER.search(line)] == [], shown[-4000:]
-    logs = next(line for line in lines if line.startswith("[mmflow] Ray's logs: "))
+    logs = next(line for line in lines if line.startswith("[mmflow] Ray: a local instance; "))
     log_file = re.search(r"this driver's: (\S+);", logs).group(1)
     assert os.path.exists(log_file)
     summary = [line for line in lines if re.match(r"\[mmflow\] \w+: committed in", line)]
@@ -243,39 +243,32 @@ def joined(ray_session):
     return ray_session
 
 
-def test_a_log_gets_plain_lines_and_verbose_brings_ray_back(tmp_path, joined):
-    path = pipeline_yaml(tmp_path, SYNTH, name="con")
+def test_a_log_gets_plain_lines_errors_in_brief_and_verbose_brings_ray_back(tmp_path, joined):
+    """Piped, on a cluster (as in a Ray job's log): the same reports as plain lines; a failed
+    stage's error in one line and the resume command, the traceback in the log file; and
+    with --verbose, Ray's own lines as well."""
+    path = pipeline_yaml(tmp_path, SYNTH + "bad:\n  type: tests.test_console:Broken\n", name="con")
     r = run_cli("run", path, cwd=str(tmp_path))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
     assert "\x1b" not in out and "\r" not in out
     assert [line for line in out.splitlines() if CHATTER.search(line)] == [], out[-3000:]
-    assert "Connecting to existing Ray cluster" not in out  # Ray's own note
+    assert re.search(r"^\[mmflow\] Ray: joined the cluster at \S+; its logs: ", r.stdout, re.M)
+    assert "Connecting to existing Ray cluster" not in out  # Ray's own note of it
     assert re.search(r"^\[synth\] 200/200 samples \(100%\) [\d.]+ samples/s", r.stdout, re.M)
     assert re.search(r"^\[mmflow\] synth: committed in [\d.]+s: num_samples=200,", r.stdout, re.M)
-
-    loud = run_cli("run", path, "--force", "--verbose", cwd=str(tmp_path))
-    assert loud.returncode == 0, loud.stderr[-3000:]
-    assert "Connecting to existing Ray cluster" in loud.stdout + loud.stderr
-    assert "[mmflow] synth: committed in" in loud.stdout
-
-
-def test_a_failed_stage_shows_its_error_and_the_resume_command(tmp_path, joined):
-    path = pipeline_yaml(tmp_path, "bad:\n  type: tests.test_console:Broken\n", name="con")
-    r = run_cli("run", path, cwd=str(tmp_path))
-    assert r.returncode == 1
-    assert (
-        "stage 'bad' failed: RuntimeError: shard 00000 failed: ValueError: no pictures in shard 0"
-        in r.stderr
-    )
-    assert "Traceback" not in r.stdout + r.stderr
+    error = "RuntimeError: shard 00000 failed: ValueError: no pictures in shard 0"
+    assert re.search(rf"^\[mmflow\] bad: failed after [\d.]+s: {error}$", r.stdout, re.M)
+    assert f"stage 'bad' failed: {error}\n" in r.stderr
     assert f"to resume run:\n  mmflow run {path}" in r.stderr
     log_file = re.search(r"the whole traceback is in (\S+)", r.stderr).group(1)
     with open(log_file) as f:
-        assert "Traceback" in f.read()
-    assert re.search(
-        r"^\[mmflow\] bad: failed after [\d.]+s: RuntimeError: shard 00000", r.stdout, re.M
-    )
+        assert "Traceback (most recent call last)" in f.read()
+
+    loud = run_cli("run", path, "--verbose", cwd=str(tmp_path))
+    assert loud.returncode == 1
+    assert "Connecting to existing Ray cluster" in loud.stdout + loud.stderr
+    assert "[mmflow] synth: cached" in loud.stdout and f"stage 'bad' failed: {error}" in loud.stderr
 
 
 def test_what_a_worker_reports_is_one_marked_line_each(joined):
