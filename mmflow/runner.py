@@ -36,9 +36,8 @@ from mmflow.stage import MANIFEST, Dataset, StageContext
 from mmflow.storage import Storage, join, normalize
 
 log = logging.getLogger(__name__)
-log.addHandler(
-    logging.NullHandler()
-)  # without a console's log file, failures are not printed twice
+# a failure's traceback goes to the console's log file; with none, nowhere (not to stderr)
+log.addHandler(logging.NullHandler())
 
 
 class StageFailed(RuntimeError):
@@ -255,10 +254,8 @@ class Runner(Plan):
                 self.storage.write_json(join(attempt.folder, FAILED), record)
             tracker.end(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
             log.error("stage %r failed", name, exc_info=True)  # the whole traceback, to the log
-            why = brief_error(e) if isinstance(e, Exception) else type(e).__name__
-            stage_end(
-                name, f"[mmflow] {name}: failed after {time.time() - t0:.1f}s: {why}", ok=False
-            )
+            why = f"failed after {time.time() - t0:.1f}s: {brief_error(e)}"
+            stage_end(name, f"[mmflow] {name}: {why}", ok=False)
             if isinstance(e, Exception):
                 raise StageFailed(name, e, "") from e
             raise
@@ -332,8 +329,13 @@ class Runner(Plan):
 
 
 def _figures(metrics: dict[str, Any], most: int = 8) -> str:
-    """``: num_samples=4096, mismatch_rate=0.2``, the stage's first figures for its summary."""
-    shown = [f"{k}={_number(v)}" for k, v in metrics.items() if k != "duration_s"]
+    """``: num_samples=4096, mismatch_rate=0.2``, the stage's first figures for its summary
+    (an output's count the stage logged as a metric as well is shown once)."""
+    shown = [
+        f"{k}={_number(v)}"
+        for k, v in metrics.items()
+        if k != "duration_s" and not ("." in k and metrics.get(k.rsplit(".", 1)[1]) == v)
+    ]
     if not shown:
         return ""
     more = f" (+{len(shown) - most} more in mmflow status)" if len(shown) > most else ""
