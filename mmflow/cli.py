@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if another run is writing a stage's output, stop instead of waiting for it",
     )
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output (worker logs, warnings) besides mmflow's progress",
+    )
 
     status = sub.add_parser("status", help="state of every stage: done, stale, missing or failed")
     _pipeline_args(status)
@@ -136,26 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    from mmflow.console import Console
     from mmflow.lease import LeaseHeld
+    from mmflow.progress import brief_error
     from mmflow.runner import Runner, SelectionError, StageFailed
 
     pipeline = load_pipeline(args.pipeline, args.overrides, args.storage, args.tracking_uri)
     runner = Runner(pipeline, wait_for_lease=not args.no_wait)
+    console = Console(verbose=args.verbose)
     try:
-        report = runner.run(
-            only=args.only,
-            from_stage=args.from_stage,
-            force=args.force,
-            command=shlex.join(["mmflow", *sys.argv[1:]]),
-        )
+        with console:
+            report = runner.run(
+                only=args.only,
+                from_stage=args.from_stage,
+                force=args.force,
+                command=shlex.join(["mmflow", *sys.argv[1:]]),
+            )
     except (SelectionError, LeaseHeld) as e:
         print(f"mmflow: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailed as e:
-        print(
-            f"\nmmflow: stage {e.stage!r} failed: {type(e.cause).__name__}: {e.cause}",
-            file=sys.stderr,
-        )
+        print(f"\nmmflow: stage {e.stage!r} failed: {brief_error(e.cause)}", file=sys.stderr)
+        if console.log_file:
+            print(f"mmflow: the whole traceback is in {console.log_file}", file=sys.stderr)
         print(f"mmflow: finished stages are kept; to resume run:\n  {e.resume}", file=sys.stderr)
         return EXIT_FAILED
     print(

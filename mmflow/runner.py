@@ -17,6 +17,7 @@ folders, resolve the inputs, open the MLflow run, run the stage, commit, clean u
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import time
@@ -28,10 +29,15 @@ from typing import Any
 from mmflow.config import PipelineConfig
 from mmflow.lease import LEASE, Lease
 from mmflow.plan import FAILED, LATEST, Plan, SelectionError, StageStatus  # noqa: F401
+from mmflow.progress import brief_error, say, stage_begin, stage_end
 from mmflow.ray_env import ensure_ray, gcs_actor_liveness  # noqa: F401
 from mmflow.redact import redact_uri
 from mmflow.stage import MANIFEST, Dataset, StageContext
 from mmflow.storage import Storage, join, normalize
+
+log = logging.getLogger(__name__)
+# a failure's traceback goes to the console's log file; with none, nowhere (not to stderr)
+log.addHandler(logging.NullHandler())
 
 
 class StageFailed(RuntimeError):
@@ -112,7 +118,7 @@ class Runner(Plan):
         man = self.manifest(name)
         if man is None:
             return False
-        print(f"[mmflow] {name}: cached ({self.fingerprints[name]})", flush=True)
+        say(f"[mmflow] {name}: cached ({self.fingerprints[name]})")
         tracker.record_cache_hit(name, man.get("mlflow_run_id"))
         return True
 
@@ -132,7 +138,7 @@ class Runner(Plan):
             self._commit(name, ctx, attempt, inputs, run_id, duration)
             self._clean_after_commit(attempt)
             self._log_commit(ctx, run_id, duration, tracker)
-        print(f"[mmflow] {name}: committed in {duration:.1f}s", flush=True)
+        stage_end(name, f"[mmflow] {name}: committed in {duration:.1f}s{_figures(ctx.metrics)}")
         return True
 
     def _prepare(self, name: str, committed: dict[str, Any] | None) -> Attempt:
@@ -158,10 +164,10 @@ class Runner(Plan):
             for uri in [*attempt.outputs.values(), attempt.work]:
                 removed += len([f for f in st.ls(uri, recursive=True) if not f.is_dir])
                 st.delete(uri)
-        print(
+        stage_begin(
+            name,
             f"[mmflow] {name}: running {cfg.type} -> {base}"
             + (f" (removed {removed} files of an earlier attempt)" if removed else ""),
-            flush=True,
         )
         return attempt
 
@@ -248,6 +254,9 @@ class Runner(Plan):
             if attempt.replaces is None:  # a forced attempt's failure leaves the commit as it was
                 self.storage.write_json(join(attempt.folder, FAILED), record)
             tracker.end(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
+            log.error("stage %r failed", name, exc_info=True)  # the whole traceback, to the log
+            why = f"failed after {time.time() - t0:.1f}s: {brief_error(e)}"
+            stage_end(name, f"[mmflow] {name}: {why}", ok=False)
             if isinstance(e, Exception):
                 raise StageFailed(name, e, "") from e
             raise
@@ -318,6 +327,24 @@ class Runner(Plan):
             tracker.end(run_id)
         except Exception as e:
             print(f"[mmflow] {ctx.stage}: warning: committed, but MLflow failed: {e}", flush=True)
+
+
+def _figures(metrics: dict[str, Any], most: int = 8) -> str:
+    """``: num_samples=4096, mismatch_rate=0.2``, the stage's first figures for its summary
+    (an output's count the stage logged as a metric as well is shown once)."""
+    shown = [
+        f"{k}={_number(v)}"
+        for k, v in metrics.items()
+        if k != "duration_s" and not ("." in k and metrics.get(k.rsplit(".", 1)[1]) == v)
+    ]
+    if not shown:
+        return ""
+    more = f" (+{len(shown) - most} more in mmflow status)" if len(shown) > most else ""
+    return ": " + ", ".join(shown[:most]) + more
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
 
 
 def _bases(manifest: dict[str, Any]) -> set[str]:

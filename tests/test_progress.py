@@ -1,5 +1,6 @@
-"""Progress lines: done/total, rate, elapsed and ETA text; at most one line per interval and
-always one at the end; the same plain lines on a terminal as in a log file."""
+"""Progress reports: done/total, rate, elapsed and ETA text; as plain lines at most one per
+interval and always one at the end; bars shared by workers (tick); the error behind Ray's
+wrappers. The console that draws them is tests/test_console.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import re
 
 import pytest
 
+from mmflow import progress
 from mmflow import progress as progress_mod
-from mmflow.progress import Progress, format_duration
+from mmflow.progress import Progress, brief_error, format_duration, tick
 
 
 class Clock:
@@ -105,15 +107,15 @@ def test_eta_unknown_before_any_progress_and_empty_totals(clock):
     p = Progress(total=10, desc="d", stream=out)
     clock.now += 7.0
     p.update(0)
-    assert lines(out) == ["[d] 0/10 items (0%) 0.0 items/s elapsed 7s ETA ?"]
+    assert lines(out) == ["[d] 0/10 items (0%) 0.00 items/s elapsed 7s ETA ?"]
     empty = Progress(total=0, desc="e", stream=out)
     empty.update(0)  # nothing to do is 100% done
     assert lines(out)[-1].startswith("[e] 0/0 items (100%)")
 
 
-def test_a_terminal_gets_the_same_plain_lines_as_a_log(clock):
-    """No carriage returns or cursor codes on a TTY: a Ray job log shows exactly what a
-    terminal shows, one line per report."""
+def test_a_stream_of_its_own_gets_plain_lines_terminal_or_not(clock):
+    """A Progress given a stream prints plain lines on it, whatever the stream is: no carriage
+    returns or cursor codes (the live display is the console's, for mmflow run)."""
     tty, log = Terminal(), io.StringIO()
     for stream in (tty, log):
         p = Progress(total=3, desc="d", interval=0.0, stream=stream)
@@ -130,3 +132,72 @@ def test_defaults_to_stdout(clock, capsys):
     p = Progress(total=1, desc="std")
     p.update()
     assert capsys.readouterr().out.startswith("[std] 1/1 items (100%)")
+
+
+def test_rate_leaves_out_what_was_done_before(clock):
+    """A resumed run's earlier work counts in done, not in the rate (nor the ETA)."""
+    out = io.StringIO()
+    p = Progress(total=100, desc="train", unit="steps", interval=0.0, stream=out, initial=60)
+    clock.now += 10.0
+    p.set(80, extra="loss 0.5")
+    assert lines(out) == ["[train] 80/100 steps (80%) 2.0 steps/s elapsed 10s ETA 10s loss 0.5"]
+
+
+def test_the_end_prints_once_and_each_bar_keeps_its_own_interval(clock):
+    out = io.StringIO()
+    a = Progress(total=2, desc="a", interval=5.0, stream=out)
+    b = Progress(total=2, desc="b", interval=5.0, stream=out)
+    a.update()
+    b.update()  # another bar: not held back by a's line
+    a.update()  # a's end, within its interval: printed
+    a.close()  # nothing new since
+    assert [line.split(" ")[:2] for line in lines(out)] == [
+        ["[a]", "1/2"],
+        ["[b]", "1/2"],
+        ["[a]", "2/2"],
+    ]
+
+
+def test_tick_moves_the_bar_the_driver_opened(clock, capsys):
+    """Workers sharing one bar (the readers of an inference stage) send ticks; the bar of that
+    name adds them up, with their counts beside it; a closed bar takes no more."""
+    bar = Progress(total=4, desc="filter", unit="shards", interval=0.0)
+    tick("filter", 1, rows=100, bad=1)
+    tick("filter", 2, rows=150, bad=0)
+    tick("elsewhere", 1)  # nobody opened it: ignored
+    assert bar.done == 3 and bar.counts == {"rows": 250, "bad": 1}
+    assert capsys.readouterr().out.splitlines()[-1].startswith("[filter] 3/4 shards (75%)")
+    clock.now += 1.0
+    bar.close()
+    assert capsys.readouterr().out == ""  # its last line is already out
+    tick("filter", 1)
+    assert bar.done == 3
+
+
+def test_marked_lines_decode_and_others_do_not():
+    line = progress.MARK + '{"kind": "line", "text": "hi"}'
+    assert progress.decode(line) == {"kind": "line", "text": "hi"}
+    assert progress.decode("(pid=12) " + line) == {"kind": "line", "text": "hi"}
+    for other in ("[train] step 1", progress.MARK + "not json", progress.MARK + '["kind"]'):
+        assert progress.decode(other) is None
+
+
+def test_brief_error_is_the_first_error_without_ray_tracebacks(ray_session):
+    @ray_session.remote(num_cpus=0, max_retries=0)
+    def fails():
+        raise ValueError("no pictures in shard 3")
+
+    with pytest.raises(Exception) as raised:
+        ray_session.get(fails.remote())
+    assert '  File "' in str(raised.value)  # Ray's message carries the remote traceback
+    assert brief_error(raised.value) == "ValueError: no pictures in shard 3"
+    from ray.train import WorkerGroupError
+
+    group = WorkerGroupError("rank 1 failed", {1: KeyError("x"), 0: OSError("disk full")})
+    assert brief_error(group) == "OSError: disk full"
+    assert (
+        brief_error(RuntimeError("stage wrote no output")) == "RuntimeError: stage wrote no output"
+    )
+    assert brief_error(KeyboardInterrupt()) == "KeyboardInterrupt"
+    written = RuntimeError('ray::f() (pid=1)\n  File "x.py", line 1, in f\nOSError: disk full')
+    assert brief_error(written) == "RuntimeError: OSError: disk full"

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from mmflow.data.shards import listed_keys, shard_name
 from mmflow.data.webdataset_io import Sample, iter_shard
+from mmflow.progress import Progress, tick
 from mmflow.storage import Storage, filesystem, join
 
 if TYPE_CHECKING:
@@ -140,14 +141,17 @@ def run_inference(
     rows_per_file: int | None = None,
     preserve_order: bool = False,
     keep_bad_rows: bool = False,
+    desc: str = "inference",
 ) -> InferenceReport:
     """Run the pipeline over ``shards`` (shard ``i`` is ``shards[i]``); the table lands in
     ``out_uri`` (with ``schema`` when given: its metadata goes into every file). With
     ``rows_per_file`` every file holds that many rows but the last; with ``preserve_order``
-    rows are in input order (shard, then sample), at some cost in overlap."""
+    rows are in input order (shard, then sample), at some cost in overlap. Progress: the
+    shards read, with the rows and bad samples so far, as the bar ``desc``."""
     import ray
     from ray.data import DataContext
 
+    bar = Progress(len(shards), desc, unit="shards")
     data_ctx = DataContext.get_current()
     keep_order = data_ctx.execution_options.preserve_order
     data_ctx.execution_options.preserve_order = preserve_order or keep_order
@@ -169,6 +173,7 @@ def run_inference(
                 "bad_uri": bad_uri,
                 "chunk": batch_size,
                 "keep_bad_rows": keep_bad_rows,
+                "desc": desc,
             },
         )
         ds = ds.map_batches(
@@ -196,6 +201,7 @@ def run_inference(
         )
     finally:
         data_ctx.execution_options.preserve_order = keep_order
+    bar.close()
     return _report(storage, out_uri, bad_uri, len(shards))
 
 
@@ -210,8 +216,10 @@ class ReadShards:
         bad_uri: str,
         chunk: int,
         keep_bad_rows: bool,
+        desc: str = "inference",
     ):
         self.reader = reader(**reader_kwargs)
+        self.desc = desc
         if "torch" in sys.modules:  # transforms that brought torch run on the one CPU held
             sys.modules["torch"].set_num_threads(1)
         self.storage, self.bad_uri, self.chunk = storage, bad_uri, chunk
@@ -221,14 +229,17 @@ class ReadShards:
         for shard, uri in zip(batch["shard"].to_pylist(), batch["uri"].to_pylist(), strict=True):
             rows: list[dict[str, Any]] = []
             bad: list[dict[str, str]] = []
+            count = 0
             for row in self.rows(shard, uri, bad):
                 rows.append(row)
+                count += 1
                 if len(rows) == self.chunk:
                     yield self.reader.table(rows)
                     rows = []
             if rows:
                 yield self.reader.table(rows)
             self.storage.write_json(bad_record_uri(self.bad_uri, shard), bad)
+            tick(self.desc, 1, rows=count - (len(bad) if self.keep_bad_rows else 0), bad=len(bad))
 
     def rows(self, shard: int, uri: str, bad: list[dict[str, str]]) -> Iterator[dict[str, Any]]:
         """The shard's rows in order; each bad sample is appended to ``bad`` (and yielded as a

@@ -34,6 +34,7 @@ from mmflow.data.ingest_sources import ERROR, HASH, shard_input_uri
 from mmflow.data.ingest_tar import SampleTarWriter
 from mmflow.data.shards import ShardWriter, index_rows, shard_name
 from mmflow.data.webdataset_io import iter_shard
+from mmflow.progress import say
 from mmflow.storage import Storage, join
 
 # Failures worth another try later: the server or the network may behave next time.
@@ -110,7 +111,7 @@ def ingest_shard(shard: int, job: ShardJob) -> dict[str, Any]:
         except Exception as e:
             if attempt == attempts:
                 raise
-            print(f"[ingest] shard {shard_name(shard)} attempt {attempt} failed: {e!r}; retrying")
+            say(f"[ingest] shard {shard_name(shard)} attempt {attempt} failed: {e!r}; retrying")
             time.sleep(min(2**attempt, 30))
     raise AssertionError("unreachable")
 

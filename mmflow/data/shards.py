@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmflow.progress import Progress
+from mmflow.progress import Progress, brief_error
 from mmflow.storage import Storage, join
 
 # The columns img2dataset writes (for the options mmflow uses), in its order.
@@ -180,12 +180,15 @@ def map_shards(
     max_retries: int = 3,
     desc: str = "shards",
     samples_per_shard: int | None = None,
+    num_samples: int | None = None,
     storage: Storage | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``fn(shard, *args) -> stats`` as one Ray task per shard not yet done.
 
     A shard is done when its stats file exists; done shards are read, not redone.
-    Tasks whose worker dies are retried by Ray up to ``max_retries`` times.
+    Tasks whose worker dies are retried by Ray up to ``max_retries`` times. Progress counts
+    shards, or with ``samples_per_shard`` samples (each task's stats ``count``): shard ``s``
+    holds that many, or fewer when ``num_samples`` (all shards together) ends inside it.
     Returns the stats of every shard, in shard order.
     """
     import ray
@@ -198,7 +201,7 @@ def map_shards(
             f"[{desc}] resuming: {len(shards) - len(todo)} of {len(shards)} shards already done",
             flush=True,
         )
-    unit_total = (samples_per_shard or 1) * len(todo)
+    unit_total = sum(_expected(s, samples_per_shard, num_samples) for s in todo)
     progress = Progress(unit_total, desc, unit="samples" if samples_per_shard else "shards")
     remote = ray.remote(_call_shard).options(
         num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, name=f"{desc}-shard"
@@ -221,11 +224,20 @@ def map_shards(
             except Exception as e:
                 for r in pending:
                     ray.cancel(r)
-                raise RuntimeError(f"shard {shard_name(s)} failed: {e}") from e
+                raise RuntimeError(f"shard {shard_name(s)} failed: {brief_error(e)}") from e
             progress.update(done[s].get("count", 1) if samples_per_shard else 1)
     if todo:
         progress.close()
     return [done[s] for s in shards]
+
+
+def _expected(shard: int, samples_per_shard: int | None, num_samples: int | None) -> int:
+    """The progress units of one shard: 1, or the samples it holds."""
+    if not samples_per_shard:
+        return 1
+    if num_samples is None:
+        return samples_per_shard
+    return max(0, min(samples_per_shard, num_samples - shard * samples_per_shard))
 
 
 def list_shards(storage: Storage, folder: str) -> list[str]:

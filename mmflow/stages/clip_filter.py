@@ -331,6 +331,7 @@ class ClipFilter(Stage):
             model=Scorer, model_kwargs={"source": source, "save_embeddings": p.save_embeddings},
             out_uri=ctx.outputs["scores"], bad_uri=ctx.work("bad"), resources=ctx.resources,
             batch_size=p.batch_size, read_workers=p.preprocess_workers, keep_bad_rows=True,
+            desc=ctx.stage,
         )  # fmt: skip
         t = _read_scores(ctx.outputs["scores"])
         scored = time.monotonic()

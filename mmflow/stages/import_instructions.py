@@ -245,7 +245,8 @@ class ImportInstructions(Stage):
             args=(job,),
             **ctx.resources.shard_tasks(),
             desc=ctx.stage,
-            samples_per_shard=min(p.samples_per_shard, sum(map(len, plan.shards)) or 1),
+            samples_per_shard=p.samples_per_shard,
+            num_samples=sum(map(len, plan.shards)),
             storage=ctx.storage,
         )
         _report(ctx, p, plan, stats)

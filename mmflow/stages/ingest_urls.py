@@ -256,6 +256,7 @@ class IngestUrls(Stage):
             max_retries=p.shard_retries,
             desc=ctx.stage,
             samples_per_shard=p.samples_per_shard,
+            num_samples=split["num_rows"],
             storage=ctx.storage,
         )
         report(ctx, p, stats, split_s=planned - start, download_s=time.monotonic() - planned)

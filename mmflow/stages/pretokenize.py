@@ -236,7 +236,7 @@ class Pretokenize(Stage):
             model=Encoder, model_kwargs={"model_uri": model_in.uri}, out_uri=ctx.outputs["tokens"],
             bad_uri=ctx.work("bad"), resources=ctx.resources, batch_size=p.batch_size,
             read_workers=p.read_workers, schema=token_schema(metadata),
-            rows_per_file=p.rows_per_file, preserve_order=True,
+            rows_per_file=p.rows_per_file, preserve_order=True, desc=ctx.stage,
         )  # fmt: skip
         encoded = time.monotonic()
 

@@ -195,6 +195,7 @@ class SynthShapes(Stage):
             **ctx.resources.shard_tasks(),
             desc=ctx.stage,
             samples_per_shard=p.samples_per_shard,
+            num_samples=p.num_samples,
             storage=ctx.storage,
         )
         total = sum(s["successes"] for s in stats)

@@ -8,11 +8,11 @@ can be loaded into (strategy, ZeRO stage, world size), so a mismatch fails with 
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from typing import Any
 
+from mmflow.progress import say
 from mmflow.storage import Storage, join
 from mmflow.train.config import TrainConfig
 
@@ -104,10 +104,3 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def say(line: str) -> None:
-    """One line to stdout, now. Not print(): Ray Train patches it into a logger that echoes
-    each line to both stdout and stderr, so every line would show twice in the job log."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()

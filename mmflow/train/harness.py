@@ -15,7 +15,8 @@ workers with DDP or DeepSpeed (ZeRO 0-3) and takes care of the rest:
   stage's MLflow run (when ``ctx.run_id`` is set); Ray Train gets them at eval and
   checkpoint steps and at the end (each ``ray.train.report`` is a barrier that may wait
   ~2 s for the controller, too slow for every log step).
-- progress: rank 0 prints a line at most every 5 s and at the end.
+- progress: rank 0 reports steps, rate, ETA and loss (``mmflow.progress``: the driver's
+  console draws it; its plain lines come at most every 5 s and at the end).
 - data counts: each rank's ``task.data_counters()`` (samples read, skipped by reason) are
   summed over ranks at the end and returned as ``data/<name>``.
 
@@ -32,7 +33,7 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mmflow.progress import format_duration
+from mmflow.progress import Progress
 from mmflow.stage import StageContext
 from mmflow.storage import Storage, filesystem, join, normalize
 from mmflow.train.checkpoints import Checkpoints, say
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-PROGRESS_INTERVAL_S = 5.0
 _END = object()
 
 
@@ -80,6 +80,7 @@ def fit(
         train_loop_config={
             "task": task,
             "cfg": cfg.model_dump(),
+            "stage": ctx.stage,
             # absolute: Ray Train runs the workers in a directory of its own
             "work_uri": normalize(ctx.work_uri),
             "tracking_uri": absolute_tracking_uri(ctx.tracking_uri),
@@ -134,7 +135,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     step = saved = resumed["step"]
     _seed(cfg.seed + 1_000_003 * rank + step)  # per rank, and reproducible on resume
     tracker = _Tracker(config["tracking_uri"], config["run_id"] if rank == 0 else None)
-    progress = _Progress(cfg.max_steps, step, enabled=rank == 0)
+    progress = _StepProgress(cfg.max_steps, step, config.get("stage", "train"), rank == 0)
     window = _Window(cfg, world, device, getattr(task, "tokens_per_sample", None))
     batches = iter(task.train_batches(rank, world, step))
     last = {"train/loss": resumed["train_loss"]} if resumed.get("train_loss") is not None else {}
@@ -153,7 +154,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
         last = window.flush(lr=runner.lr) if logged else last
         evals = _evaluate(task, runner.full_model(task, rank), cfg, device) if evaluated else {}
         tracker.log({**(last if logged else {}), **evals}, step)
-        progress.update(step, last.get("train/loss"))
+        progress.at(step, last.get("train/loss"))
         if checkpointed:
             saved = ckpts.save(runner, step, last.get("train/loss"))
         if evaluated or checkpointed:  # not every log step: each report may wait ~2 s for Ray
@@ -172,7 +173,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     final = {"step": float(step), **{k: v for k, v in last.items() if k == "train/loss"}, **evals}
     final.update({f"data/{k}": float(v) for k, v in counters.items()})
     _ray_report(final, step)  # after the upload: a barrier, so no rank returns before it is done
-    progress.update(step, last.get("train/loss"), force=True)
+    progress.at(step, last.get("train/loss"), final=True)
     return final if rank == 0 else None
 
 
@@ -284,23 +285,20 @@ def _ray_report(metrics: dict[str, float], step: int) -> None:
     ray.train.report({**metrics, "step": step})
 
 
-class _Progress:
-    """``[train] step 120/500 (24%) 3.2 steps/s loss 0.412 ETA 1m58s``, at most every 5 s."""
+class _StepProgress:
+    """Rank 0's steps: ``[stage] 120/500 steps (24%) 3.2 steps/s ... ETA 1m58s loss 0.412``;
+    the steps of an earlier attempt (a resume) count in done, not in the rate."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.total, self.start, self.enabled = total, start, enabled
-        self.t0 = self.last = time.monotonic()
+    def __init__(self, total: int, start: int, desc: str, enabled: bool):
+        self.bar = Progress(total, desc, unit="steps", initial=start) if enabled else None
 
-    def update(self, step: int, loss: float | None, force: bool = False) -> None:
-        now = time.monotonic()
-        due = now - self.last >= PROGRESS_INTERVAL_S and step < self.total  # the end is forced
-        if not self.enabled or not (due or force):
+    def at(self, step: int, loss: float | None, final: bool = False) -> None:
+        if self.bar is None:
             return
-        self.last, pct = now, 100.0 * step / self.total
-        rate = (step - self.start) / max(now - self.t0, 1e-9)
-        eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
-        loss_s = f" loss {loss:.4g}" if loss is not None else ""
-        say(f"[train] step {step}/{self.total} ({pct:.0f}%) {rate:.2f} steps/s{loss_s} ETA {eta}")
+        extra = f"loss {loss:.4g}" if loss is not None else ""
+        self.bar.set(step, extra)
+        if final:
+            self.bar.close(extra)
 
 
 # --- small helpers ------------------------------------------------------------------------------

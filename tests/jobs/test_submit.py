@@ -107,7 +107,7 @@ def test_submit_runs_the_pipeline_on_the_cluster(ray_cluster, tmp_path):
         timeout=600,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "SUCCEEDED" in r.stdout and "Connecting to existing Ray cluster" in r.stdout
+    assert "SUCCEEDED" in r.stdout and "[mmflow] Ray: joined the cluster at " in r.stdout
     status = json.loads(run_cli("status", *args, "--json", cwd=ROOT).stdout)
     synth = next(s for s in status["stages"] if s["name"] == "synth")
     assert synth["state"] == "done" and synth["metrics"]["num_samples"] == 64

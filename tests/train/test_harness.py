@@ -23,7 +23,7 @@ from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, complete_checkpoints, fit
 from mmflow.train.checkpoints import Checkpoints
 from mmflow.train.engines import lr_schedule
-from mmflow.train.harness import _Progress, _to_device, absolute_tracking_uri
+from mmflow.train.harness import _StepProgress, _to_device, absolute_tracking_uri
 
 DIM = 8
 
@@ -271,14 +271,17 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
 
 
 def test_progress_line(capsys):
-    progress = _Progress(total=500, start=100, enabled=True)
-    progress.update(120, loss=0.41234)  # too soon after the start: silent
-    assert capsys.readouterr().out == ""
-    progress.update(120, loss=0.41234, force=True)
+    """Rank 0's steps as a bar (plain lines here: no console, not in a worker)."""
+    progress = _StepProgress(total=500, start=100, desc="train", enabled=True)
+    progress.at(120, loss=0.41234)
     line = capsys.readouterr().out
     assert re.fullmatch(
-        r"\[train\] step 120/500 \(24%\) [\d.]+ steps/s loss 0\.4123 ETA \S+\n", line
+        r"\[train\] 120/500 steps \(24%\) [\d.]+ steps/s elapsed 0s ETA \S+ loss 0\.4123\n", line
     )
+    progress.at(121, loss=0.4)  # within 5 s of the last line: silent
+    assert capsys.readouterr().out == ""
+    _StepProgress(500, 0, "train", enabled=False).at(500, 0.1, final=True)  # other ranks
+    assert capsys.readouterr().out == ""
 
 
 def test_absolute_tracking_uri(tmp_path, monkeypatch):
