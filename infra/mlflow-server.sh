@@ -20,7 +20,7 @@
 #                                   others within this time. 0: check every request
 #     MLFLOW_FLASK_SERVER_SECRET_KEY  the CSRF key: random per start unless set (set it when
 #                                   several servers share one database)
-#     MLFLOW_AUTH_CONFIG_PATH       an auth .ini of your own instead of the three above
+#     MLFLOW_AUTH_CONFIG_PATH       an auth .ini of your own instead of the MMFLOW_AUTH_* above
 #   MLFLOW_SERVER_ALLOWED_HOSTS, MLFLOW_SERVER_CORS_ALLOWED_ORIGINS: read by MLflow itself; set
 #   them when clients reach the server by a name other than localhost or a private address.
 #
@@ -28,7 +28,9 @@
 # Arguments, when given, take the place of the variables above. --with-postgres DIR starts (and
 # on first use initialises) a PostgreSQL server in DIR with infra/postgres.sh, on
 # 127.0.0.1:$MMFLOW_POSTGRES_PORT (default 5432), and uses its `mlflow` database (and `mlflow_auth`
-# for users). Secrets never go on a command line: URIs reach MLflow in its environment.
+# for users), the password in DIR/pgpass only. This script hands URIs to MLflow in its
+# environment, never on its command line (which `ps` shows): give a URI holding a password in
+# MLFLOW_BACKEND_STORE_URI, not as an argument.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "mlflow-server.sh: $*" >&2; exit 2; }
@@ -49,6 +51,7 @@ AUTH_DB=${MMFLOW_AUTH_DATABASE_URI:-}
 if [ -n "$PG_DIR" ]; then
   [ -z "$BACKEND" ] || die "--with-postgres and a backend URI: give one of them"
   PG=$("$REPO/infra/postgres.sh" start "$PG_DIR" "${MMFLOW_POSTGRES_PORT:-5432}")
+  PG_DIR=$(cd "$PG_DIR" && pwd)
   export PGPASSFILE=$PG_DIR/pgpass # the password stays in that file, out of every URI
   PG=postgresql+psycopg2://${PG#postgresql://}
   BACKEND=$PG/mlflow
@@ -66,7 +69,7 @@ else
 fi
 need() { # module, what for
   "${PY[@]}" -c "import $1" 2>/dev/null ||
-    die "$2 needs the Python package $1: install the dev group (.uv/bin/uv sync --frozen)"
+    die "$2 needs the Python module $1, in the project's dev group (.uv/bin/uv sync --frozen)"
 }
 for uri in "$MLFLOW_BACKEND_STORE_URI" "$AUTH_DB"; do
   case "$uri" in
@@ -89,10 +92,12 @@ ARGS=(--host "$HOST" --port "$PORT" --serve-artifacts)
 case "$AUTH" in
 none) ;;
 basic)
+  need flask_wtf "MMFLOW_SERVER_AUTH=basic (MLflow's basic-auth app, mlflow[auth])"
   if [ -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]; then
     [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] ||
       die "MMFLOW_SERVER_AUTH=basic needs MLFLOW_AUTH_ADMIN_PASSWORD (the admin user's password)"
-    CONF_DIR=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/mlflow-auth.XXXXXX")
+    # the file names the user store (a URI, maybe with a password): readable by this user only
+    CONF_DIR=${PG_DIR:-$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/mlflow-auth.XXXXXX")}
     (umask 077 && cat >"$CONF_DIR/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = ${MMFLOW_AUTH_DEFAULT_PERMISSION:-READ}

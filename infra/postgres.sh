@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A PostgreSQL server of its own in one folder, for an MLflow tracking server on one host.
-#   infra/postgres.sh start DIR [PORT]   initialise DIR on first use, start, print the base URI
+#   infra/postgres.sh start DIR [PORT]   initialise DIR on first use, start (unless it runs),
+#                                        print the base URI
 #   infra/postgres.sh stop DIR
 # DIR/data is the cluster, DIR/socket its unix socket, DIR/log/postgres.log its log. It listens on
 # 127.0.0.1:PORT (default $PGPORT, else 5432) with password authentication only; the superuser
@@ -55,10 +56,15 @@ start)
     rm -f "$DIR/.pw"
     NEW=1
   fi
-  # unix socket in DIR (never /var/run/postgresql, which another server may own); TCP on loopback
-  "${AS[@]}" "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log/postgres.log" -w -t 60 start \
-    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR/socket" >&2 ||
-    { tail -n 20 "$DIR/log/postgres.log" >&2; exit 1; }
+  if "${AS[@]}" "$BIN/pg_ctl" -D "$DIR/data" status >/dev/null 2>&1; then
+    # already running (the tracking server restarted): keep it, on the port it has
+    PORT=$(sed -n 4p "$DIR/data/postmaster.pid")
+  else
+    # unix socket in DIR (never /var/run/postgresql, which another server may own); TCP on loopback
+    "${AS[@]}" "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log/postgres.log" -w -t 60 start \
+      -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR/socket" >&2 ||
+      { tail -n 20 "$DIR/log/postgres.log" >&2; exit 1; }
+  fi
   if [ -n "${NEW:-}" ]; then
     for db in mlflow mlflow_auth; do
       PGPASSFILE="$DIR/pgpass" "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U mlflow "$db"

@@ -15,6 +15,7 @@ stopped by its own process id (or, for PostgreSQL, ``pg_ctl stop``) on exit.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFRA = os.path.join(ROOT, "infra")
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
 
 
 def free_port() -> int:
@@ -65,14 +65,21 @@ def moto_s3(buckets: tuple[str, ...] = ("mmflow-test",)) -> Iterator[dict[str, s
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_KEYS}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(
+            12
+        ),  # moto takes any; a test can look for it
+        "AWS_REGION": "us-east-1",
+    }
     try:
         client = boto3.client(
             "s3",
             endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_REGION"],
         )
         for bucket in buckets:
             for _ in range(300):
@@ -156,6 +163,7 @@ class TrackingServer:
     users: dict[str, str] = field(default_factory=dict)
     admin: str | None = None
     user: str | None = None  # an ordinary (non-admin) user, when auth is on
+    pgid: int = 0  # the server's process group: the script (exec'd into MLflow) and its workers
 
     def client_env(self, user: str | None = None) -> dict[str, str]:
         """What a client process needs: the URI and, with auth, one user's credentials."""
@@ -193,6 +201,7 @@ def mlflow_server(
         "MLFLOW_BACKEND_STORE_URI": backend_uri or f"sqlite:///{folder}/mlflow.db",
         "MLFLOW_ARTIFACTS_DESTINATION": artifacts or os.path.join(folder, "artifacts"),
         "MMFLOW_SERVER_AUTH": "basic" if auth else "none",
+        "TMPDIR": folder,  # the script's auth .ini and MLflow's own tmp files go with the folder
     }
     if auth:
         users["admin"] = secrets.token_urlsafe(18)
@@ -209,7 +218,7 @@ def mlflow_server(
             start_new_session=True,
         )
     server = TrackingServer(
-        f"http://127.0.0.1:{port}", folder, users, "admin" if auth else None, None
+        f"http://127.0.0.1:{port}", folder, users, "admin" if auth else None, None, proc.pid
     )
     try:
         _wait_healthy(server, proc, start_timeout)
@@ -248,8 +257,7 @@ def create_user(server: TrackingServer, name: str) -> TrackingServer:
         timeout=60,
     )
     r.raise_for_status()
-    users = {**server.users, name: password}
-    return TrackingServer(server.url, server.folder, users, server.admin, name)
+    return dataclasses.replace(server, users={**server.users, name: password}, user=name)
 
 
 @dataclass(frozen=True)

@@ -63,12 +63,29 @@ def test_without_credentials_the_server_refuses(tracking_stack, monkeypatch):
     assert "Default" in {e.name for e in MlflowClient(server.url).search_experiments()}
 
 
+def test_no_secret_is_on_the_servers_command_lines(tracking_stack):
+    """``ps`` shows every process's command line to every user of the host: the admin password,
+    the S3 secret key and the database URIs reach MLflow in its environment only."""
+    server = tracking_stack.server
+    secrets = (server.users["admin"], tracking_stack.s3_env["AWS_SECRET_ACCESS_KEY"])
+    lines = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) == server.pgid:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    lines.append(f.read().replace(b"\0", b" ").decode())
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile
+    assert any("mlflow" in line and "server" in line for line in lines), lines
+    assert not [x for x in lines if "postgresql" in x or any(s in x for s in secrets)], lines
+
+
 PIPELINE = f"""
 name: served
 stages:
   synth:
     type: synth_shapes
-    params: {{num_samples: 64, samples_per_shard: 32, image_size: 16}}
+    params: {{num_samples: 64, samples_per_shard: 64, image_size: 16}}  # one shard: one task
   vq:
     type: vqgan_train
     inputs: {{shards: synth}}
