@@ -118,7 +118,7 @@ def test_a_pipeline_is_tracked_in_postgres_with_its_pictures_in_s3(
         [*MMFLOW, "run", str(path), "--storage", str(tmp_path / "store")],
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:] + server.log()[-2000:]
 
     # runs: one parent, a child per stage, through the server
     client = MlflowClient(server.url)
