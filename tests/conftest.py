@@ -42,6 +42,16 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tracking_stack():
+    """MLflow as teams run it, for the session: PostgreSQL, moto S3 and infra/mlflow-server.sh
+    with basic auth and artifacts proxied to S3 (tests/servers.py:tracking_stack)."""
+    from tests.servers import tracking_stack
+
+    with tracking_stack() as stack:
+        yield stack
+
+
 def pipeline_yaml(
     folder, stages_yaml: str, name: str = "t", filename: str = "pipeline.yaml"
 ) -> str:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from mmflow.storage import Storage, join
 from tests.conftest import ROOT, run_cli
+from tests.servers import moto_s3
 
 
 def test_local_atomic_write_hides_partial_files(tmp_path):
@@ -26,47 +24,19 @@ def test_local_atomic_write_hides_partial_files(tmp_path):
     assert [f.name for f in st.ls(str(tmp_path / "a"))] == ["file.bin"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 and the environment that points clients at it."""
-    port = _free_port()
-    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="mmflow-test")
-            break
-        except Exception:
-            time.sleep(0.1)
-    yield env
-    proc.terminate()
-    proc.wait(10)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """A moto S3 server on 127.0.0.1 (tests/servers.py) with the bucket ``mmflow-test``; the
+    environment that points clients at it is set in ``os.environ`` for the module."""
+    with moto_s3(("mmflow-test",)) as env:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield env
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_s3_storage_operations(s3_server, tmp_path):
