@@ -265,7 +265,7 @@ def cmd_ui(args) -> int:
     uri = resolve_tracking_uri(args.tracking_uri or (pipeline.tracking_uri if pipeline else None))
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # where a browser goes
     url = ui_url(uri, f"http://{host}:{args.port}", pipeline.name if pipeline else None)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--app-name", "mmflow"]
     cmd += ["--host", args.host, "--port", str(args.port)]
     cmd += ["--workers", str(args.workers)] if args.workers else []
     print(f"[mmflow] MLflow UI for {redact_uri(uri)}: {url}", flush=True)

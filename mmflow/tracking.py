@@ -81,13 +81,17 @@ def experiment_id(client, pipeline: str) -> str:
 
 
 def ui_url(tracking_uri: str, base: str, pipeline: str | None) -> str:
-    """Where MLflow's UI shows the pipeline's runs in its model-training view. MLflow 3.17 opens
-    an experiment on its GenAI overview unless the URL (or the browser's last choice of the
-    sidebar's GenAI / Model training switch) says ``workflowType=machine_learning``."""
+    """Where MLflow's UI shows the pipeline's runs in its model-training view: through
+    ``mmflow ui``'s page that makes the view the browser's choice (``mmflow/ui_app.py``; MLflow
+    3.17 opens an experiment on its GenAI overview unless the URL or that choice says
+    ``workflowType=machine_learning``)."""
+    from urllib.parse import quote
+
     view = "?workflowType=machine_learning"
-    if pipeline is None:
-        return f"{base}/#/experiments{view}"
-    return f"{base}/#/experiments/{experiment_id(_client(tracking_uri), pipeline)}/runs{view}"
+    route = "/experiments"
+    if pipeline is not None:
+        route += f"/{experiment_id(_client(tracking_uri), pipeline)}/runs"
+    return f"{base}/mmflow/open?to={quote(route + view, safe='')}"
 
 
 def source_tags(pipeline_file: str | None) -> dict[str, str]:

@@ -17,7 +17,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("mmflow.data", "mmflow.io", "mmflow.models", "mmflow.train", "mmflow.eval"),
     ("mmflow.tasks", "mmflow.export", "mmflow.generate", "mmflow.decode"),
     ("mmflow.stages",),
-    ("mmflow.plan", "mmflow.ray_env", "mmflow.console", "mmflow.runner", "mmflow.cli"),
+    (
+        "mmflow.plan",
+        "mmflow.ray_env",
+        "mmflow.console",
+        "mmflow.runner",
+        "mmflow.cli",
+        "mmflow.ui_app",
+    ),
 ]
 
 

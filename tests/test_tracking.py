@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import mlflow
@@ -172,7 +173,17 @@ def test_an_existing_experiment_is_tagged_as_model_training_unless_it_says_other
     assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
     url = ui_url(uri, "http://h:1", "new")
     new = client.get_experiment_by_name("new")
-    assert url == f"http://h:1/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
+    route = f"/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
+    assert url == f"http://h:1/mmflow/open?to={urllib.parse.quote(route, safe='')}"
+
+
+def test_the_ui_apps_page_opens_only_experiment_routes():
+    from mmflow.ui_app import STORAGE_KEY, open_page
+
+    body, status = open_page("/experiments/3/runs?workflowType=machine_learning")
+    assert status == 200 and STORAGE_KEY in body and '"../#" + "/experiments/3/runs?' in body
+    for bad in ("//evil.example/x", '/experiments/1"</script>', "javascript:alert(1)", ""):
+        assert open_page(bad)[1] == 400, bad
 
 
 def test_a_training_run_logs_system_metrics_until_it_ends(tmp_path, monkeypatch):
