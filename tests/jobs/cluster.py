@@ -48,14 +48,20 @@ class Node:
         self.name = name
         self.log = log
         cmd = [RAY, "start", "--disable-usage-stats", *args]
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            self.pgid = proc.pid
-            rc = proc.wait(timeout=300)
+        # Ray gives a raylet 30 s to register with the GCS; a loaded machine can miss that:
+        # the failed start's processes are killed and the node started again.
+        for _ in range(3):
+            with open(log, "w") as out:
+                proc = subprocess.Popen(
+                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+                self.pgid = proc.pid
+                rc = proc.wait(timeout=300)
+            if rc == 0:
+                return
+            self.kill()
         with open(log) as f:
-            assert rc == 0, f"ray start for node {name} failed:\n{f.read()[-3000:]}"
+            raise AssertionError(f"ray start for node {name} failed 3 times:\n{f.read()[-3000:]}")
 
     def processes(self) -> list[psutil.Process]:
         found: dict[int, psutil.Process] = {}
@@ -119,8 +125,11 @@ class LocalCluster:
             str(free_port()),
             "--metrics-export-port",
             str(free_port()),
+            # one per node, as on separate machines: a node's runtime-env agent manages the
+            # working directories it unpacked under it (a shared one would delete the head's
+            # job directory under its running driver when its own tasks are done with it)
             "--temp-dir",
-            self.temp_dir,
+            os.path.join(self.temp_dir, name),
         ]
 
     def start_head(self, cpus: int) -> None:
@@ -205,4 +214,4 @@ class LocalCluster:
     def stop(self) -> None:
         for name in list(self.nodes)[::-1]:
             self.nodes.pop(name).stop()
-        pass  # shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
