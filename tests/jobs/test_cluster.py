@@ -210,10 +210,10 @@ def test_a_stopped_job_resubmitted_redoes_no_finished_stage_or_shard(
     tracking,
 ):
     """On the head alone (the tests before killed the other node)."""
-    job = Job(cluster, tracking, "stop", "shapes.params.num_samples=1200")  # 12 shards
+    job = Job(cluster, tracking, "stop", "shapes.params.num_samples=4800")  # 48 shards
     proc = job.submit("synth", "shapes", wait=False)
-    job.wait_until(proc, "4 finished shapes shards", lambda: job.finished_shards("shapes") >= 4)
     job_id = next(m.group(1) for line in proc.stdout if (m := re.match(r"submitted (\S+):", line)))
+    job.wait_until(proc, "3 finished shapes shards", lambda: job.finished_shards("shapes") >= 3)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     stop = subprocess.run(
         [ray, "job", "stop", "--address", cluster.dashboard, job_id],
@@ -232,10 +232,10 @@ def test_a_stopped_job_resubmitted_redoes_no_finished_stage_or_shard(
 
     job.submit("synth", "shapes")
     assert "synth: cached" in job.log
-    resumed = re.search(r"resuming: (\d+) of 12 shards already done", job.log)
-    assert resumed and int(resumed.group(1)) >= len(before) >= 4, job.log[-4000:]
+    resumed = re.search(r"resuming: (\d+) of 48 shards already done", job.log)
+    assert resumed and int(resumed.group(1)) >= len(before) >= 3, job.log[-4000:]
     assert job.plan.manifest("synth")["committed_at"] == synth_commit
     for name, stats in before.items():  # not redone: each stats file is the one written before
         assert st.read_json(join(job.plan.uri("shapes"), "shards", name)) == stats
     keys = _keys(st, job.plan.manifest("shapes")["outputs"]["shards"]["uri"])
-    assert len(keys) == len(set(keys)) == 1200
+    assert len(keys) == len(set(keys)) == 4800
