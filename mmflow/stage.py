@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,10 +34,15 @@ class Resources(BaseModel):
     cpus: float = 1.0  # per task / actor / training worker
     gpus: float = 0.0  # per task / actor / training worker
     workers: int = 1  # parallel tasks, actor-pool size or training workers
+    # How tasks and training workers are placed on a multi-node cluster (Ray's placement
+    # strategies): PACK fills a node first (Ray's default scheduling for shard tasks, Ray
+    # Train's PACK for workers); SPREAD puts them on as many nodes as it can; STRICT_* must.
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def shard_tasks(self) -> dict[str, Any]:
-        """What these resources mean for ``map_shards``: CPUs per task, tasks at once."""
-        return {"cpus": self.cpus, "max_in_flight": self.workers or None}
+        """What these resources mean for ``map_shards``: CPUs per task, tasks at once, spread."""
+        spread = self.placement in ("SPREAD", "STRICT_SPREAD")
+        return {"cpus": self.cpus, "max_in_flight": self.workers or None, "spread": spread}
 
 
 @dataclass(frozen=True)

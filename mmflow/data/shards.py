@@ -178,6 +178,7 @@ def map_shards(
     gpus: float = 0.0,
     max_in_flight: int | None = None,
     max_retries: int = 3,
+    spread: bool = False,
     desc: str = "shards",
     samples_per_shard: int | None = None,
     num_samples: int | None = None,
@@ -186,9 +187,10 @@ def map_shards(
     """Run ``fn(shard, *args) -> stats`` as one Ray task per shard not yet done.
 
     A shard is done when its stats file exists; done shards are read, not redone.
-    Tasks whose worker dies are retried by Ray up to ``max_retries`` times. Progress counts
-    shards, or with ``samples_per_shard`` samples (each task's stats ``count``): shard ``s``
-    holds that many, or fewer when ``num_samples`` (all shards together) ends inside it.
+    Tasks whose worker dies (or whose node is lost) are retried by Ray up to ``max_retries``
+    times, on any node that is left. ``spread``: Ray's SPREAD scheduling, tasks over all nodes.
+    Progress counts shards, or with ``samples_per_shard`` samples (each task's stats ``count``):
+    shard ``s`` holds that many, or fewer when ``num_samples`` (all shards together) ends inside it.
     Returns the stats of every shard, in shard order.
     """
     import ray
@@ -204,7 +206,11 @@ def map_shards(
     unit_total = sum(_expected(s, samples_per_shard, num_samples) for s in todo)
     progress = Progress(unit_total, desc, unit="samples" if samples_per_shard else "shards")
     remote = ray.remote(_call_shard).options(
-        num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, name=f"{desc}-shard"
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_retries=max_retries,
+        name=f"{desc}-shard",
+        scheduling_strategy="SPREAD" if spread else "DEFAULT",
     )
     limit = max_in_flight or max(
         1, int(ray.available_resources().get("CPU", 1) // max(cpus, 0.01)) * 2

@@ -9,8 +9,13 @@ workers with DDP or DeepSpeed (ZeRO 0-3) and takes care of the rest:
   then (after a barrier) rank 0 writes ``_COMPLETE`` last; a folder without it
   is never used. The newest two complete checkpoints are kept.
 - resume: every attempt starts from the newest complete checkpoint, so a Ray
-  Train restart after a worker failure and a new ``fit`` over the same
-  ``work_uri`` both continue where the last checkpoint left off.
+  Train restart after a worker failure (a lost node included) and a new ``fit``
+  over the same ``work_uri`` both continue where the last checkpoint left off.
+  Rank 0 records each such restart in the stage's MLflow run: the metric
+  ``train/restarted_at_step`` (the step it continued from) and the tag
+  ``mmflow.train_restarts`` (how many times this run started again).
+- placement: ``ctx.resources.placement`` is Ray Train's placement strategy for the
+  workers (PACK by default; SPREAD puts them on different nodes when it can).
 - metrics: rank 0 logs ``train/*`` every ``log_every`` steps and ``eval/*`` to the
   stage's MLflow run (when ``ctx.run_id`` is set); Ray Train gets them at eval and
   checkpoint steps and at the end (each ``ray.train.report`` is a barrier that may wait
@@ -86,9 +91,14 @@ def fit(
             "tracking_uri": absolute_tracking_uri(ctx.tracking_uri),
             "run_id": ctx.run_id,
             "model_uri": normalize(ctx.outputs[model_output]) if model_output is not None else None,
+            # a worker group that finds this fit's marker is a restart of it (see _worker_loop)
+            "fit_id": uuid.uuid4().hex,
         },
         scaling_config=ScalingConfig(
-            num_workers=res.workers, use_gpu=res.gpus > 0, resources_per_worker=per_worker
+            num_workers=res.workers,
+            use_gpu=res.gpus > 0,
+            resources_per_worker=per_worker,
+            placement_strategy=res.placement,
         ),
         run_config=RunConfig(
             name=f"train-{uuid.uuid4().hex[:8]}",
@@ -135,6 +145,8 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     step = saved = resumed["step"]
     _seed(cfg.seed + 1_000_003 * rank + step)  # per rank, and reproducible on resume
     tracker = _Tracker(config["tracking_uri"], config["run_id"] if rank == 0 else None)
+    if rank == 0:
+        _note_start(tracker, config, step)
     progress = _StepProgress(cfg.max_steps, step, config.get("stage", "train"), rank == 0)
     window = _Window(cfg, world, device, getattr(task, "tokens_per_sample", None))
     batches = iter(task.train_batches(rank, world, step))
@@ -276,6 +288,32 @@ class _Tracker:
             self._client.log_batch(self.run_id, metrics=items[:1000])  # MLflow's batch limit
         except Exception as e:  # a flaky tracking server must not kill a long run
             say(f"[train] warning: MLflow logging failed: {e}")
+
+    def restarted(self, step: int) -> int:
+        """Record a restart at ``step``: the metric ``train/restarted_at_step`` and the tag
+        ``mmflow.train_restarts`` (the metric's history length); returns that count (0: none
+        recorded, no run or a failing server)."""
+        if not self.run_id:
+            return 0
+        self.log({"train/restarted_at_step": float(step)}, step)
+        try:
+            history = self._client.get_metric_history(self.run_id, "train/restarted_at_step")
+            self._client.set_tag(self.run_id, "mmflow.train_restarts", str(len(history)))
+            return len(history)
+        except Exception as e:
+            say(f"[train] warning: MLflow logging failed: {e}")
+            return 0
+
+
+def _note_start(tracker: _Tracker, config: dict[str, Any], step: int) -> None:
+    """Rank 0, at every worker-group start: a restart (after a failure of this ``fit``, which
+    left its marker, or a new ``fit`` resuming a checkpoint) is recorded in MLflow."""
+    storage, marker = Storage(), join(config["work_uri"], "train_starts", config["fit_id"])
+    if step > 0 or storage.exists(marker):
+        restarts = tracker.restarted(step)
+        say(f"[train] restarted at step {step} (restart {restarts or '?'} of this run)")
+    else:
+        storage.write_json(marker, {"time": time.time()})
 
 
 def _ray_report(metrics: dict[str, float], step: int) -> None:

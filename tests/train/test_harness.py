@@ -136,11 +136,20 @@ def test_deepspeed_zero2_recovers_from_a_lost_worker(ray_cluster, tmp_path):
         log_every=5,
         max_failures=1,
     )
-    ctx = make_ctx(tmp_path)
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("harness")).info.run_id
+    ctx = make_ctx(tmp_path, tracking_uri=uri, run_id=run)
     final = fit(task, cfg, ctx)
 
     assert os.path.exists(tmp_path / "failed")  # the failure did happen
     assert final["step"] == 40
+    # the restart is in the stage's MLflow run: where it continued from, and how many
+    restarts = client.get_metric_history(run, "train/restarted_at_step")
+    assert [(m.step, m.value) for m in restarts] == [(20, 20.0)]
+    assert client.get_run(run).data.tags["mmflow.train_restarts"] == "1"
     # first attempt from 0, the restart from the last complete checkpoint (20), on both ranks
     assert task.starts() == [(0, 0), (0, 20), (1, 0), (1, 20)]
     assert checkpoint_steps(ctx) == [30, 40]  # only the newest two are kept
