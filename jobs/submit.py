@@ -23,6 +23,7 @@ See docs/reliability.md, "Secrets".
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     runtime_env: dict = {"working_dir": ".", "excludes": EXCLUDES, "env_vars": env_vars}
     if args.pip:
         runtime_env["pip"] = ["-e", "."]
+    # Ray 2.60 warns, for every upload, that the default excludes (.git among them) are now
+    # excluded: EXCLUDES names them anyway, so the note is only noise in the user's terminal.
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
     client = JobSubmissionClient(args.address)
     entrypoint = shlex.join(["python", "jobs/run_pipeline.py", *run_args])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)

@@ -81,7 +81,17 @@ class Page:
         return out["result"].get("value")
 
     async def goto(self, url: str) -> None:
+        """Open ``url`` and wait for the page it ends on (``/mmflow/open`` goes on by itself)."""
         await self.call("Page.navigate", url=url)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if await self.js("document.readyState === 'complete' && location.hash !== ''"):
+                    return
+            except AssertionError as e:  # evaluated while the page went on to the next one
+                assert "navigated or closed" in str(e), e
+            await asyncio.sleep(0.3)
+        raise AssertionError(f"{url}: no page loaded in 30 s")
 
     async def screenshot(self, name: str) -> None:
         shot = await self.call("Page.captureScreenshot", format="png")
