@@ -114,9 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--caption", nargs="+", metavar="IMAGE", help="caption these pictures")
     gen.add_argument("--n", type=int, default=8, help="pictures to draw")
     gen.add_argument("--out", help="folder for the PNGs and contact_sheet.png")
-    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     gen.add_argument(
-        "--temperature", type=float, help="0 = greedy (default: 1 for pictures, 0 for captions)"
+        "--guidance", type=float, help="classifier-free guidance scale (default: the stage's)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        help="0 = greedy (default: the stage's for pictures, 0 for captions)",
     )
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -164,6 +168,8 @@ def cmd_run(args) -> int:
         print(f"\nmmflow: stage {e.stage!r} failed: {brief_error(e.cause)}", file=sys.stderr)
         if console.log_file:
             print(f"mmflow: the whole traceback is in {console.log_file}", file=sys.stderr)
+        if console.native_log and os.path.exists(console.native_log):
+            print(f"mmflow: native code's own output is in {console.native_log}", file=sys.stderr)
         print(f"mmflow: finished stages are kept; to resume run:\n  {e.resume}", file=sys.stderr)
         return EXIT_FAILED
     print(
@@ -322,10 +328,12 @@ def cmd_generate(args) -> int:
         if folder.endswith((".yaml", ".yml")):
             folder, _ = _committed(folder, args.stage, "joint_train", "model")
         painter = load_painter(materialize(folder))
+        saved = painter.sampling  # what the stage drew its evaluation pictures with
+        picture_t, guidance = saved.get("temperature", 1.0), saved.get("guidance_scale", 1.5)
         sampling = SamplingConfig(
-            temperature=(1.0 if args.prompt else 0.0) if args.temperature is None else args.temperature,
-            top_k=args.top_k, top_p=args.top_p,
-            guidance_scale=args.guidance if args.prompt else 1.0, seed=args.seed,
+            temperature=(picture_t if args.prompt else 0.0) if args.temperature is None else args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            guidance_scale=(guidance if args.guidance is None else args.guidance) if args.prompt else 1.0,
         )  # fmt: skip
         if args.prompt is not None:
             if not args.out:

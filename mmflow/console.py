@@ -8,13 +8,17 @@ without escape codes (:class:`mmflow.progress.PlainSink`).
 
 ``mmflow.ray_env`` keeps Ray's output off the console while one is installed: worker
 output, Ray's and its libraries' loggers and Python warnings go to Ray's log files and to
-``mmflow-driver.log`` beside them (the console says where), unless ``verbose``.
+``mmflow-driver.log`` beside them (the console says where), unless ``verbose``. What native
+code writes straight to the process's file descriptor 2 (Ray's core worker in the driver logs
+its own warnings that way, past every Python logger) goes to ``native_log`` while the console
+is entered, unless ``verbose``; Python's ``sys.stderr`` stays on the terminal.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -38,6 +42,8 @@ class Console:
         self.stream = stream or sys.stdout
         self.live = is_terminal(self.stream) if live is None else live
         self.log_file: str | None = None  # where Ray's driver-side output went (ray_env)
+        self.native_log: str | None = None  # where fd 2 went (native code's own writes)
+        self._saved_stderr: tuple[Any, int] | None = None
         self._plain = PlainSink(self.stream)
         self._bars = None
         self._tasks: dict[str, Any] = {}  # stage (or bar outside a stage) -> rich task id
@@ -49,6 +55,7 @@ class Console:
         self._previous = progress.install(self)
         if not self.verbose:  # MLflow's notes as it sets up its database, before Ray starts
             os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+            self._native_stderr_off()
         if self.live:
             from rich.console import Console as RichConsole
             from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -75,7 +82,44 @@ class Console:
             self._tasks.clear()
             self._bars.stop()
             self._bars = None
+        self._native_stderr_back()
         progress.install(self._previous)
+
+    def _native_stderr_off(self) -> None:
+        """fd 2 into a file, ``sys.stderr`` on a copy of the terminal's descriptor. Only where
+        ``sys.stderr`` is still the process's own on fd 2 (a CLI run; not a test capturing
+        output), so nothing that wraps it is left writing into the file."""
+        if sys.stderr is not sys.__stderr__:
+            return
+        try:
+            if sys.stderr.fileno() != 2:
+                return
+            sys.stderr.flush()
+            path = os.path.join(tempfile.gettempdir(), f"mmflow-native-{os.getpid()}.log")
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except (OSError, ValueError, AttributeError):  # no real fd 2; no temporary folder
+            return
+        terminal = os.dup(2)
+        os.dup2(target, 2)
+        os.close(target)
+        self._saved_stderr = (sys.stderr, terminal)
+        sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1,
+                               encoding=sys.__stderr__.encoding, errors="backslashreplace")  # fmt: skip
+        self.native_log = path
+
+    def _native_stderr_back(self) -> None:
+        if self._saved_stderr is None:
+            return
+        original, terminal = self._saved_stderr
+        self._saved_stderr = None
+        sys.stderr.flush()
+        replacement, sys.stderr = sys.stderr, original
+        replacement.close()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        path = self.native_log
+        if path and os.path.exists(path) and os.path.getsize(path) == 0:
+            os.remove(path)
 
     # ---- the sink ---------------------------------------------------------------------------
     def line(self, text: str, style: str | None = None) -> None:

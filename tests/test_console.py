@@ -13,6 +13,8 @@ import pty
 import re
 import select
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -292,3 +294,35 @@ def test_what_a_worker_reports_is_one_marked_line_each(joined):
     assert messages[0]["text"] == "[w] hello"
     assert messages[1] == {"kind": "tick", "desc": "bar", "n": 2, "counts": {"rows": 5}}
     assert messages[2]["state"]["done"] == 3 and messages[2]["state"]["unit"] == "steps"
+
+
+def test_native_writes_to_fd_2_go_to_a_file_and_python_stderr_stays(tmp_path):
+    """What native code writes straight to file descriptor 2 (Ray's core worker in the driver
+    does) goes to the console's ``native_log`` while it is entered; Python's ``sys.stderr``,
+    where mmflow's errors go, stays on the terminal, and fd 2 comes back on exit."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from mmflow.console import Console
+        with Console(live=False) as c:
+            os.write(2, b"native noise\\n")
+            print("python error", file=sys.stderr)
+            path = c.native_log
+        os.write(2, b"native after\\n")
+        print(path)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=str(tmp_path), timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.strip().splitlines()[-1]
+    assert "python error" in done.stderr and "native after" in done.stderr
+    assert "native noise" not in done.stderr
+    with open(path) as f:
+        assert f.read() == "native noise\n"
+    os.remove(path)
+    # verbose leaves fd 2 alone
+    verbose = script.replace("Console(live=False)", "Console(live=False, verbose=True)")
+    done = subprocess.run([sys.executable, "-c", verbose], capture_output=True, text=True,
+                          cwd=str(tmp_path), timeout=120)  # fmt: skip
+    assert "native noise" in done.stderr and done.stdout.strip().splitlines()[-1] == "None"

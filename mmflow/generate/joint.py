@@ -40,6 +40,7 @@ class Painter:
     vqgan: VQGAN
     seen_text_ids: frozenset[int] | None = None  # None: accept any text id
     batch_size: int = 64
+    sampling: dict[str, Any] = field(default_factory=dict)  # the stage's settings, as saved
     grid: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +154,8 @@ def load_painter(folder: str, vqgan_folder: str | None = None, device: str = "cp
         raise FileNotFoundError(f"{folder}: joint.json names no VQ-GAN; pass its folder")
     vqgan, _, _ = load_vqgan(materialize(where), device)
     seen = info.get("seen_text_ids")
-    return Painter(model, vocab, tokenizer, vqgan, frozenset(seen) if seen is not None else None)
+    return Painter(model, vocab, tokenizer, vqgan, frozenset(seen) if seen is not None else None,
+                   sampling=dict(info.get("sampling") or {}))  # fmt: skip
 
 
 def draw_to_folder(

@@ -36,18 +36,18 @@ from mmflow.train.harness import absolute_tracking_uri
 # DeepSpeed by default, sized for the quickstart on two CPUs
 JointTrainConfig = TrainConfig.with_defaults(
     "JointTrainConfig", "The harness's config, with joint_train's defaults.",
-    strategy="deepspeed", max_steps=600, batch_size=32, lr=2e-3, weight_decay=0.05,
-    warmup_steps=40, checkpoint_every=200, log_every=20,
+    strategy="deepspeed", max_steps=1500, batch_size=32, lr=3e-3, weight_decay=0.05,
+    warmup_steps=40, checkpoint_every=500, log_every=20,
 )  # fmt: skip
 
 
 class SamplingParams(Params):
     """How pictures are drawn at evaluation (logged as the run's params)."""
 
-    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    temperature: float = Field(0.7, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
-    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance; 1 = none")
+    guidance_scale: float = Field(1.5, ge=0, description="classifier-free guidance; 1 = none")
     seed: int = 0
 
     def build(self):

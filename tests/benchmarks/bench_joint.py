@@ -142,7 +142,7 @@ def sampling_speedup(model_dir: str, a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="joint-tiny")
+    p.add_argument("--arch", default="joint-small")  # the 3.6M model of the recorded figures
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)

@@ -241,12 +241,13 @@ def test_save_load_round_trips_exactly(tmp_path, tie):
 
 
 def test_registry_configs_build_at_their_sizes():
-    assert {"joint-tiny", "joint-100m", "joint-1b"} <= set(list_archs())
-    tiny, vocab = create_joint(
-        "joint-tiny", text_vocab=1024, codebook_size=512, image_tokens=64, max_text_len=32
-    )
-    n = sum(p.numel() for p in tiny.parameters())
-    assert n == tiny.cfg.num_params(vocab.size) and 3_000_000 < n < 4_000_000
+    assert {"joint-tiny", "joint-small", "joint-100m", "joint-1b"} <= set(list_archs())
+    for arch, lo, hi in [("joint-tiny", 0.9e6, 1.1e6), ("joint-small", 3e6, 4e6)]:
+        tiny, vocab = create_joint(
+            arch, text_vocab=1024, codebook_size=512, image_tokens=64, max_text_len=32
+        )
+        n = sum(p.numel() for p in tiny.parameters())
+        assert n == tiny.cfg.num_params(vocab.size) and lo < n < hi, (arch, n)
     assert (
         vocab.seq_len == 101
         and create_joint("joint-tiny", 1024, 512, 64)[1].max_text_len == 128 - 69

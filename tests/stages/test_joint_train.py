@@ -104,7 +104,7 @@ def test_joint_train_reports_held_out_figures_and_registers_the_model(trained):
     version = client.get_model_version(info["registered_model"], str(info["registered_version"]))
     assert version.run_id == row.mlflow_run_id
     run = client.get_run(row.mlflow_run_id)
-    assert run.data.params["params.sampling.guidance_scale"] == "3.0"
+    assert run.data.params["params.sampling.guidance_scale"] == "1.5"
     assert "train/tokens_per_s" in run.data.metrics
     images = [f.path for f in client.list_artifacts(row.mlflow_run_id, "images/generated")]
     assert images, "no grid of generated pictures in MLflow"
@@ -116,6 +116,8 @@ def test_the_model_draws_and_captions(trained):
 
     runner, _ = trained
     painter = load_painter(_row(runner).outputs["model"])
+    # the stage's own sampling settings travel with the model (mmflow generate's defaults)
+    assert painter.sampling["guidance_scale"] == 1.5 and painter.sampling["temperature"] == 0.7
     pictures = painter.draw(["a red circle on a white background"] * 3, SamplingConfig(seed=1))
     assert pictures.shape == (3, 3, 32, 32) and pictures.dtype.is_floating_point is False
     again = painter.draw(["a red circle on a white background"] * 3, SamplingConfig(seed=1))
