@@ -40,18 +40,11 @@ def parse_rows(spec: str) -> list[int]:
 
 
 def open_table(uri: str):
-    """(pyarrow dataset over the table's files in name order, its ``mmflow.*`` metadata)."""
-    import pyarrow.dataset as pads
+    """(pyarrow dataset over the table's files in name order, its ``mmflow.*`` metadata), of a
+    table that names its VQ-GAN."""
+    from mmflow.data.token_table import open_table as open_any
 
-    from mmflow.data.token_table import read_metadata, table_files
-    from mmflow.storage import filesystem
-
-    files = table_files(uri)
-    if not files:
-        raise FileNotFoundError(f"no Parquet files in {uri} (a pretokenize `tokens` output?)")
-    fs, _ = filesystem(files[0])
-    dataset = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
-    meta = read_metadata(dataset.schema)
+    dataset, meta = open_any(uri)
     if "vqgan_uri" not in meta:
         raise ValueError(
             f"{uri}: the table's metadata names no VQ-GAN (not written by pretokenize?)"

@@ -44,3 +44,22 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
 def table_files(uri: str) -> list[str]:
     """The table's Parquet files under ``uri``, sorted (the order pyarrow and pandas read them in)."""
     return sorted(f.uri for f in Storage().ls(uri) if f.name.endswith(".parquet") and not f.is_dir)
+
+
+def open_table(uri: str, required: tuple[str, ...] = ()):
+    """(pyarrow dataset over the table's files in name order, its ``mmflow.*`` metadata); a
+    folder with no Parquet file, or metadata without one of ``required``, is a clear error."""
+    import pyarrow.dataset as pads
+
+    from mmflow.storage import filesystem
+
+    files = table_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {uri} (a pretokenize `tokens` output?)")
+    fs, _ = filesystem(files[0])
+    dataset = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+    meta = read_metadata(dataset.schema)
+    for needed in required:
+        if needed not in meta:
+            raise ValueError(f"{uri}: the table's metadata has no {needed!r}")
+    return dataset, meta

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from mmflow.data.shards import list_shards
-from mmflow.data.token_table import read_metadata, table_files
+from mmflow.data.token_table import open_table, table_files
 from mmflow.export.mlflow import publish_model
 from mmflow.params import Params
 from mmflow.stage import Resources, Stage, StageContext, register
@@ -97,18 +97,14 @@ class JointTrainParams(Params):
 
 
 def _table_facts(ctx: StageContext) -> tuple[list[str], dict[str, str]]:
-    tokens = ctx.inputs["tokens"]
-    files = table_files(tokens.uri)
-    if not files:
-        raise ValueError(f"no Parquet files in {tokens.uri} (a pretokenize `tokens` output?)")
-    with ctx.storage.open_input(files[0]) as f:
-        import pyarrow.parquet as pq
-
-        meta = read_metadata(pq.ParquetFile(f).schema_arrow)
-    for needed in ("codebook_size", "grid_h", "grid_w", "text_vocab_size", "text_tokenizer_uri"):
-        if needed not in meta:
-            raise ValueError(f"{tokens.uri}: the table's metadata has no {needed!r}")
-    return files, meta
+    """(the token table's files, its metadata), which must give the grid, codebook and tokenizer."""
+    uri = ctx.inputs["tokens"].uri
+    needed = ("codebook_size", "grid_h", "grid_w", "text_vocab_size", "text_tokenizer_uri")
+    try:
+        _, meta = open_table(uri, required=needed)
+    except FileNotFoundError as e:  # a stage input, not a missing file of the user's
+        raise ValueError(str(e)) from None
+    return table_files(uri), meta
 
 
 def _longest_caption(files: list[str]) -> int:

@@ -24,9 +24,9 @@ from pydantic import Field, model_validator
 
 from mmflow.data.instruction_rows import heldout_rows, joined_rows, table_pairs
 from mmflow.export.mlflow import publish_model
-from mmflow.params import Params
 from mmflow.stage import Resources, Stage, StageContext, register
 from mmflow.tasks.evaluation import stage_metrics
+from mmflow.tasks.llava_setup import ChatStageParams
 from mmflow.train import TrainConfig, fit
 
 LmTrainConfig = TrainConfig.with_defaults(
@@ -36,23 +36,13 @@ LmTrainConfig = TrainConfig.with_defaults(
 )  # fmt: skip
 
 
-class LmTrainParams(Params):
+class LmTrainParams(ChatStageParams):
     arch: str = Field("lm-tiny", description="LM architecture (models/configs/llava/*.json)")
     model_cfg: dict[str, Any] | None = Field(None, description="LlamaConfig fields to override")
     pretrained: str | None = Field(None, description="a Hugging Face causal LM to use untrained")
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary (before the chat tokens)")
     train: LmTrainConfig = Field(default_factory=LmTrainConfig)
-    holdout_fraction: float = Field(0.05, ge=0, lt=1, description="share of keys held out")
     val_rows: int = Field(256, ge=0, description="held-out rows for val_nll")
-    shuffle_buffer: int = Field(2048, ge=1)
-    cache_mb: int = Field(
-        512,
-        ge=0,
-        description="a rank's examples kept in memory after epoch 1 (0 = stream every epoch)",
-    )
-    registered_model_name: str | None = Field(
-        None, description="default '{pipeline}-{stage}'; '' = none"
-    )
 
     @model_validator(mode="after")
     def _check(self) -> LmTrainParams:

@@ -12,8 +12,8 @@ from pydantic import Field
 from mmflow.params import Params
 
 
-class LlavaCommonParams(Params):
-    """Params both LLaVA stages take."""
+class ChatStageParams(Params):
+    """Params every stage of the LLaVA family takes (lm_train, llava_align, llava_instruct)."""
 
     holdout_fraction: float = Field(
         0.05, ge=0, lt=1,
@@ -27,10 +27,15 @@ class LlavaCommonParams(Params):
         ge=0,
         description="a rank's examples kept in memory after epoch 1 (0 = stream every epoch)",
     )
-    gradient_checkpointing: bool = False
     registered_model_name: str | None = Field(
         None, description="default '{pipeline}-{stage}'; '' = none"
     )
+
+
+class LlavaCommonParams(ChatStageParams):
+    """Params both LLaVA stages take."""
+
+    gradient_checkpointing: bool = False
 
 
 def tokenizer_json(model_dir: str) -> str:
