@@ -114,13 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--caption", nargs="+", metavar="IMAGE", help="caption these pictures")
     gen.add_argument("--n", type=int, default=8, help="pictures to draw")
     gen.add_argument("--out", help="folder for the PNGs and contact_sheet.png")
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: the stage's)")
     gen.add_argument(
-        "--guidance", type=float, help="classifier-free guidance scale (default: the stage's)"
-    )
-    gen.add_argument(
-        "--temperature",
-        type=float,
-        help="0 = greedy (default: the stage's for pictures, 0 for captions)",
+        "--temperature", type=float, help="0 = greedy (default: the stage's; 0 for captions)"
     )
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -320,7 +316,6 @@ def cmd_decode(args) -> int:
 
 def cmd_generate(args) -> int:
     from mmflow.generate.joint import PromptError, caption_files, draw_to_folder, load_painter
-    from mmflow.generate.sampling import SamplingConfig
     from mmflow.io.cache import materialize
 
     try:
@@ -328,12 +323,9 @@ def cmd_generate(args) -> int:
         if folder.endswith((".yaml", ".yml")):
             folder, _ = _committed(folder, args.stage, "joint_train", "model")
         painter = load_painter(materialize(folder))
-        saved = painter.sampling  # what the stage drew its evaluation pictures with
-        picture_t, guidance = saved.get("temperature", 1.0), saved.get("guidance_scale", 1.5)
-        sampling = SamplingConfig(
-            temperature=(picture_t if args.prompt else 0.0) if args.temperature is None else args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            guidance_scale=(guidance if args.guidance is None else args.guidance) if args.prompt else 1.0,
+        sampling = painter.sampling_for(
+            drawing=args.prompt is not None, temperature=args.temperature,
+            guidance_scale=args.guidance, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         )  # fmt: skip
         if args.prompt is not None:
             if not args.out:

@@ -49,6 +49,25 @@ class Painter:
             raise ValueError(f"{self.vocab.image_tokens} image tokens are not a square grid")
         self.grid = (side, side)
 
+    def sampling_for(
+        self,
+        *,
+        drawing: bool,
+        temperature: float | None = None,
+        guidance_scale: float | None = None,
+        **rest: Any,
+    ) -> SamplingConfig:
+        """Settings for drawing (``drawing``) or captioning: what is not given comes from the
+        stage's own (saved with the model) for pictures; captions are greedy and unguided."""
+        if not drawing:
+            return SamplingConfig(temperature=temperature or 0.0, guidance_scale=1.0, **rest)
+        saved = self.sampling
+        return SamplingConfig(
+            temperature=saved.get("temperature", 1.0) if temperature is None else temperature,
+            guidance_scale=saved.get("guidance_scale", 1.5) if guidance_scale is None else guidance_scale,
+            **rest,
+        )  # fmt: skip
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
