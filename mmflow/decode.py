@@ -44,7 +44,7 @@ def open_table(uri: str):
     table that names its VQ-GAN."""
     from mmflow.data.token_table import open_table as open_any
 
-    dataset, meta = open_any(uri)
+    dataset, meta, _ = open_any(uri)
     if "vqgan_uri" not in meta:
         raise ValueError(
             f"{uri}: the table's metadata names no VQ-GAN (not written by pretokenize?)"

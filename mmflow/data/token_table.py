@@ -46,20 +46,34 @@ def table_files(uri: str) -> list[str]:
     return sorted(f.uri for f in Storage().ls(uri) if f.name.endswith(".parquet") and not f.is_dir)
 
 
-def open_table(uri: str, required: tuple[str, ...] = ()):
-    """(pyarrow dataset over the table's files in name order, its ``mmflow.*`` metadata); a
-    folder with no Parquet file, or metadata without one of ``required``, is a clear error."""
+def dataset_of(files: list[str]):
+    """A pyarrow dataset over these Parquet files (local or ``s3://``), in this order."""
     import pyarrow.dataset as pads
 
     from mmflow.storage import filesystem
 
+    fs, _ = filesystem(files[0])
+    return pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+
+
+def open_table(uri: str, required: tuple[str, ...] = ()):
+    """(pyarrow dataset over the table's files in name order, its ``mmflow.*`` metadata, the
+    files' URIs); a folder with no Parquet file, or metadata without one of ``required``, is a
+    clear error."""
     files = table_files(uri)
     if not files:
         raise FileNotFoundError(f"no Parquet files in {uri} (a pretokenize `tokens` output?)")
-    fs, _ = filesystem(files[0])
-    dataset = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+    dataset = dataset_of(files)
     meta = read_metadata(dataset.schema)
     for needed in required:
         if needed not in meta:
             raise ValueError(f"{uri}: the table's metadata has no {needed!r}")
-    return dataset, meta
+    return dataset, meta, files
+
+
+def longest_text(dataset) -> int:
+    """The most caption ids any row has (at least 1)."""
+    import pyarrow.compute as pc
+
+    col = dataset.to_table(["text_ids"])["text_ids"]
+    return int(pc.max(pc.list_value_length(col)).as_py() or 1)

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from mmflow.data.shards import list_shards
-from mmflow.data.token_table import open_table, table_files
+from mmflow.data.token_table import dataset_of, longest_text, open_table
 from mmflow.export.mlflow import publish_model
 from mmflow.params import Params
 from mmflow.stage import Resources, Stage, StageContext, register
@@ -96,26 +96,20 @@ class JointTrainParams(Params):
         return joint_config(self.arch, self.model_cfg)
 
 
-def _table_facts(ctx: StageContext) -> tuple[list[str], dict[str, str]]:
-    """(the token table's files, its metadata), which must give the grid, codebook and tokenizer."""
+def _table_facts(ctx: StageContext):
+    """(the token table's files, its metadata, a dataset over it); the metadata must give the
+    grid, codebook and tokenizer."""
     uri = ctx.inputs["tokens"].uri
     needed = ("codebook_size", "grid_h", "grid_w", "text_vocab_size", "text_tokenizer_uri")
     try:
-        _, meta = open_table(uri, required=needed)
+        dataset, meta, files = open_table(uri, required=needed)
     except FileNotFoundError as e:  # a stage input, not a missing file of the user's
         raise ValueError(str(e)) from None
-    return table_files(uri), meta
+    return files, meta, dataset
 
 
 def _longest_caption(files: list[str]) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from mmflow.storage import filesystem
-
-    fs, _ = filesystem(files[0])
-    col = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs).to_table(["text_ids"])
-    return int(pc.max(pc.list_value_length(col["text_ids"])).as_py() or 1)
+    return longest_text(dataset_of(files))
 
 
 def _read_training_rows(batch, holdout_fraction: float):
@@ -179,7 +173,7 @@ class JointTrain(Stage):
         from mmflow.tasks.joint_eval import build_eval_set
 
         p: JointTrainParams = ctx.params
-        files, meta = _table_facts(ctx)
+        files, meta, dataset = _table_facts(ctx)
         vqgan_uri = ctx.inputs["vqgan"].uri if "vqgan" in ctx.inputs else meta["vqgan_uri"]
         tok_dir = materialize(meta["text_tokenizer_uri"], ctx.storage)
         with open(f"{tok_dir}/tokenizer.json", encoding="utf-8") as f:
@@ -189,7 +183,7 @@ class JointTrain(Stage):
             text_vocab=int(meta["text_vocab_size"]),
             codebook_size=int(meta["codebook_size"]),
             image_tokens=grid_h * grid_w,
-            max_text_len=p.max_text_len or _longest_caption(files),
+            max_text_len=p.max_text_len or longest_text(dataset),
         )
         cfg = p.model_config_()
         shards = (
