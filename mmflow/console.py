@@ -82,7 +82,7 @@ class Console:
             self._tasks.clear()
             self._bars.stop()
             self._bars = None
-        self._native_stderr_back()
+        self._native_stderr_back(keep=exc[0] is not None)
         progress.install(self._previous)
 
     def _native_stderr_off(self) -> None:
@@ -107,7 +107,10 @@ class Console:
                                encoding=sys.__stderr__.encoding, errors="backslashreplace")  # fmt: skip
         self.native_log = path
 
-    def _native_stderr_back(self) -> None:
+    def _native_stderr_back(self, keep: bool) -> None:
+        """fd 2 back to the terminal. The file is kept only when it holds something and the
+        block ended in an error (the CLI names it then); after a clean run it goes, so runs do
+        not pile files up in the temporary folder."""
         if self._saved_stderr is None:
             return
         original, terminal = self._saved_stderr
@@ -118,8 +121,9 @@ class Console:
         os.dup2(terminal, 2)
         os.close(terminal)
         path = self.native_log
-        if path and os.path.exists(path) and os.path.getsize(path) == 0:
+        if path and os.path.exists(path) and (not keep or os.path.getsize(path) == 0):
             os.remove(path)
+            self.native_log = None
 
     # ---- the sink ---------------------------------------------------------------------------
     def line(self, text: str, style: str | None = None) -> None:

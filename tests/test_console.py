@@ -299,7 +299,8 @@ def test_what_a_worker_reports_is_one_marked_line_each(joined):
 def test_native_writes_to_fd_2_go_to_a_file_and_python_stderr_stays(tmp_path):
     """What native code writes straight to file descriptor 2 (Ray's core worker in the driver
     does) goes to the console's ``native_log`` while it is entered; Python's ``sys.stderr``,
-    where mmflow's errors go, stays on the terminal, and fd 2 comes back on exit."""
+    where mmflow's errors go, stays on the terminal, and fd 2 comes back on exit. The file
+    outlives the block only when the block failed (the CLI names it then)."""
     script = textwrap.dedent(
         """
         import os, sys
@@ -308,21 +309,40 @@ def test_native_writes_to_fd_2_go_to_a_file_and_python_stderr_stays(tmp_path):
             os.write(2, b"native noise\\n")
             print("python error", file=sys.stderr)
             path = c.native_log
+            with open(path) as f:
+                print("inside:", f.read().strip())
         os.write(2, b"native after\\n")
-        print(path)
+        print(path, os.path.exists(path), c.native_log)
+        try:
+            with Console(live=False) as c:
+                os.write(2, b"native before a failure\\n")
+                raise RuntimeError("stage failed")
+        except RuntimeError:
+            pass
+        print(c.native_log)
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=str(tmp_path), timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    path = done.stdout.strip().splitlines()[-1]
+    lines = done.stdout.strip().splitlines()
+    assert "inside: native noise" in lines
     assert "python error" in done.stderr and "native after" in done.stderr
-    assert "native noise" not in done.stderr
-    with open(path) as f:
-        assert f.read() == "native noise\n"
-    os.remove(path)
+    assert "native noise" not in done.stderr and "native before a failure" not in done.stderr
+    assert lines[-2].endswith(" False None")  # a clean exit leaves no file behind
+    with open(lines[-1]) as f:  # a failed one keeps what native code wrote
+        assert f.read() == "native before a failure\n"
+    os.remove(lines[-1])
     # verbose leaves fd 2 alone
-    verbose = script.replace("Console(live=False)", "Console(live=False, verbose=True)")
+    verbose = textwrap.dedent(
+        """
+        import os
+        from mmflow.console import Console
+        with Console(live=False, verbose=True) as c:
+            os.write(2, b"native noise\\n")
+        print(c.native_log)
+        """
+    )
     done = subprocess.run([sys.executable, "-c", verbose], capture_output=True, text=True,
                           cwd=str(tmp_path), timeout=120)  # fmt: skip
     assert "native noise" in done.stderr and done.stdout.strip().splitlines()[-1] == "None"
