@@ -27,3 +27,16 @@ def killed_once(task, marker: str, at_step: int):
     killing = KilledOnce.__new__(KilledOnce)
     killing.__dict__.update(task.__dict__)
     return killing
+
+
+def two_worker_context(tmp_path, stage: str):
+    """The StageContext of a stage that ``fit`` runs directly on two one-CPU workers (no
+    runner, no tracking), its model written to ``tmp_path/model``."""
+    from mmflow.stage import Resources, StageContext
+    from mmflow.storage import Storage
+
+    return StageContext(
+        pipeline="p", stage=stage, params=None, resources=Resources(cpus=1, workers=2),
+        inputs={}, outputs={"model": str(tmp_path / "model")}, work_uri=str(tmp_path / "work"),
+        storage=Storage(), tracking_uri="", run_id=None,
+    )  # fmt: skip

@@ -19,10 +19,9 @@ from mlflow import MlflowClient
 
 from mmflow.config import load_pipeline
 from mmflow.runner import Runner
-from mmflow.stage import Resources, Stage, StageContext
-from mmflow.storage import Storage
+from mmflow.stage import Stage, StageContext
 from tests.conftest import pipeline_yaml, run_cli
-from tests.faults import killed_once
+from tests.faults import killed_once, two_worker_context
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -173,11 +172,7 @@ def test_zero2_on_two_workers_killed_part_way_resumes_to_the_same_step(trained, 
     runner, _ = trained
     task = _task_like_the_stage(runner)
     killing = killed_once(task, str(tmp_path / "killed"), at_step=7)
-    ctx = StageContext(
-        pipeline="p", stage="joint", params=None, resources=Resources(cpus=1, workers=2),
-        inputs={}, outputs={"model": str(tmp_path / "model")}, work_uri=str(tmp_path / "work"),
-        storage=Storage(), tracking_uri="", run_id=None,
-    )  # fmt: skip
+    ctx = two_worker_context(tmp_path, "joint")
     cfg = task.train.model_copy(update={"max_failures": 1, "checkpoint_every": 5})
     files = _row(runner, "tok").outputs["tokens"]
     from mmflow.data.token_table import table_files

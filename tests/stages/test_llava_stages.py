@@ -20,10 +20,10 @@ from mlflow import MlflowClient
 
 from mmflow.config import load_pipeline
 from mmflow.runner import Runner
-from mmflow.stage import Resources, Stage, StageContext
+from mmflow.stage import Stage, StageContext
 from mmflow.storage import Storage
 from tests.conftest import pipeline_yaml
-from tests.faults import killed_once
+from tests.faults import killed_once, two_worker_context
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -269,11 +269,7 @@ def test_zero2_on_two_workers_killed_part_way_resumes_to_the_same_step(trained, 
     runner, _ = trained
     task = _task_like_the_stage(runner)
     killing = killed_once(task, str(tmp_path / "killed"), at_step=7)
-    ctx = StageContext(
-        pipeline="p", stage="instruct", params=None, resources=Resources(cpus=1, workers=2),
-        inputs={}, outputs={"model": str(tmp_path / "model")}, work_uri=str(tmp_path / "work"),
-        storage=Storage(), tracking_uri="", run_id=None,
-    )  # fmt: skip
+    ctx = two_worker_context(tmp_path, "instruct")
     cfg = task.train.model_copy(update={"max_failures": 1, "checkpoint_every": 5})
     final = fit(killing, cfg, ctx)
     assert os.path.exists(tmp_path / "killed") and final["step"] == 12
