@@ -33,6 +33,7 @@ def ensure_ray() -> None:
     if quiet:
         _to_root("ray")
         _quiet_ray_data()  # before the workers start: they inherit its settings
+        _quiet_hugging_face()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, configure_logging=not quiet)
     else:
@@ -163,6 +164,17 @@ RAY_DATA_LOGGING = {
     },
     "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file"], "propagate": False}},
 }
+
+
+def _quiet_hugging_face() -> None:
+    """No Hugging Face progress bars (transformers' "Writing model shards" as a stage saves a
+    model in the driver): the environment switch both libraries read when imported, and
+    transformers' own switch when it already is."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _quiet_ray_data() -> None:

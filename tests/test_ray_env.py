@@ -32,3 +32,26 @@ def test_placement_group_cleaner_asks_the_gcs_when_there_is_no_dashboard(ray_ses
         assert not is_alive("ff" * 16, timeout=5)  # an actor the GCS never saw
     finally:
         placement_group_cleaner.is_actor_alive = original
+
+
+def test_a_quiet_run_turns_hugging_face_progress_bars_off():
+    """transformers' "Writing model shards" bar reached the terminal when a stage saved a model
+    in the driver: a quiet console turns the bars off, whether transformers is imported after
+    (the environment switch) or before (its own switch)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "os.environ.pop('HF_HUB_DISABLE_PROGRESS_BARS', None)\n"
+        "from mmflow.ray_env import _quiet_hugging_face\n"
+        "{before}"
+        "_quiet_hugging_face()\n"
+        "from transformers.utils import logging\n"
+        "print(logging.is_progress_bar_enabled())\n"
+    )
+    for before in ("", "import transformers\n"):
+        done = subprocess.run([sys.executable, "-c", script.format(before=before)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == "False", (before, done.stdout)
