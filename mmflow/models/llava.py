@@ -257,16 +257,31 @@ def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def next_token_loss(logits, labels):
-    """(mean NLL over the labelled positions, their count): position t predicts label t+1."""
+def next_token_loss(logits, labels, per_answer: bool = False):
+    """(mean NLL over the labelled positions, their count): position t predicts label t+1.
+
+    ``per_answer``: each answer (a run of labelled positions) weighs the same, its tokens
+    sharing its weight, instead of each token weighing the same; a one-word answer ("circle")
+    then counts as much as a twelve-token description."""
+    import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
-    n = int((targets != IGNORE).sum())
+    labelled = targets != IGNORE
+    n = int(labelled.sum())
     if n == 0:
         return logits.sum() * 0.0, 0  # keeps the graph (DeepSpeed steps every rank together)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum") / n, n
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    if not per_answer:
+        return nll.sum() / n, n
+    before = torch.zeros_like(labelled)
+    before[:, 1:] = labelled[:, :-1]
+    span = torch.cumsum((labelled & ~before).reshape(-1).long(), 0)  # 1, 2, ... per answer run
+    span = torch.where(labelled.reshape(-1), span, 0)
+    length = torch.bincount(span).clamp(min=1)
+    weight = labelled.reshape(-1).float() / length[span].float()
+    return (nll * weight).sum() / (length.numel() - 1), n
 
 
 def build_llava(vision_config, text_config, image_token_id: int, pad_id: int, layout: VisionLayout):

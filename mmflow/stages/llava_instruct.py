@@ -16,6 +16,8 @@ Output ``model``: the folder ``LlavaForConditionalGeneration.from_pretrained`` a
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from mmflow.data.instruction_rows import table_pairs
@@ -45,6 +47,9 @@ SHOWN = ("vqa_acc", "vqa_acc_color", "vqa_acc_shape", "vqa_acc_count", "vqa_acc_
 class LlavaInstructParams(LlavaCommonParams):
     train: InstructTrainConfig = Field(default_factory=InstructTrainConfig)
     train_vision: bool = Field(False, description="unfreeze the vision tower too")
+    answer_loss: Literal["token", "answer"] = Field(
+        "token", description="every answer token weighs the same, or every answer"
+    )
     vqa_images: int = Field(
         64, ge=0, description="held-out pictures asked one question of each type"
     )
@@ -84,7 +89,7 @@ class LlavaInstruct(Stage):
               f"pictures to question", flush=True)  # fmt: skip
         task = LlavaTask(
             mode="instruct", sources={"llava": align_uri}, layout=layout, image_processor=pixels,
-            image_tokens=image_tokens, train_vision=p.train_vision, eval_set=es,
+            image_tokens=image_tokens, train_vision=p.train_vision, eval_set=es, per_answer=p.answer_loss == "answer",
             gradient_checkpointing=p.gradient_checkpointing, train=p.train, tokenizer_json=tokenizer_json(local),
             max_len=int(config.text_config.max_position_embeddings), shuffle_buffer=p.shuffle_buffer, cache_mb=p.cache_mb,
             threads=max(1, int(ctx.resources.cpus)),

@@ -234,7 +234,7 @@ class LlavaTask(_ChatTask):
 
     def __init__(self, *, mode: str, sources: dict[str, str], layout, image_processor: dict[str, Any],
                  image_tokens: int, train_vision: bool = False, eval_set=None, gradient_checkpointing: bool = False,
-                 tracking_uri: str = "", run_id: str | None = None, **kw):  # fmt: skip
+                 per_answer: bool = False, tracking_uri: str = "", run_id: str | None = None, **kw):  # fmt: skip
         super().__init__(**kw)
         if mode not in ("align", "instruct"):
             raise ValueError(f"LlavaTask mode must be align or instruct, got {mode!r}")
@@ -245,6 +245,7 @@ class LlavaTask(_ChatTask):
             train_vision,
         )
         self.eval_set, self.gradient_checkpointing = eval_set, gradient_checkpointing
+        self.per_answer = per_answer
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._pixels = None
 
@@ -309,7 +310,7 @@ class LlavaTask(_ChatTask):
         self._step = batch["step"] + 1
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                        attention_mask=batch["attention_mask"]).logits  # fmt: skip
-        loss, n = next_token_loss(logits, batch["labels"])
+        loss, n = next_token_loss(logits, batch["labels"], per_answer=self.per_answer)
         self._masked(n)
         return loss, {"answer_tokens": float(n)}
 

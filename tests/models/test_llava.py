@@ -475,3 +475,35 @@ def test_lm_config_names_architectures_and_rejects_unknown_ones():
         lm_config("lm-huge")
     with pytest.raises(ValueError, match=r"'lm-tiny': unknown fields \['hiden_size'\]"):
         lm_config("lm-tiny", {"hiden_size": 64})
+
+
+def test_next_token_loss_per_answer_weighs_each_answer_once():
+    """With ``per_answer`` every run of labelled positions (an answer) weighs the same, its
+    tokens sharing that weight: the mean over answers of each answer's mean NLL, so a short
+    answer counts as much as a long one. Runs are split at row ends too."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 5)
+    labels = torch.tensor([[IGNORE, 1, 2, IGNORE, 3, IGNORE, IGNORE],
+                           [IGNORE, IGNORE, 0, 4, 4, 4, 2]])  # fmt: skip
+    labels_next_row = torch.tensor([[IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 1],
+                                    [IGNORE, 2, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]])  # fmt: skip
+
+    def nll(lab, row, t):
+        return float(F.cross_entropy(logits[row, t - 1][None], lab[row, t][None]))
+
+    for lab, answers in (
+        (labels, [[(0, 1), (0, 2)], [(0, 4)], [(1, 2), (1, 3), (1, 4), (1, 5), (1, 6)]]),
+        (labels_next_row, [[(0, 6)], [(1, 1)]]),  # a row's last answer and the next row's first
+    ):
+        per_token, n = next_token_loss(logits, lab)
+        per_answer, n2 = next_token_loss(logits, lab, per_answer=True)
+        tokens = [nll(lab, *p) for a in answers for p in a]
+        assert n == n2 == len(tokens)
+        assert float(per_token) == pytest.approx(sum(tokens) / len(tokens), rel=1e-5)
+        means = [sum(nll(lab, *p) for p in a) / len(a) for a in answers]
+        assert float(per_answer) == pytest.approx(sum(means) / len(means), rel=1e-5)
+    none = torch.full_like(labels, IGNORE)
+    loss, n = next_token_loss(logits, none, per_answer=True)
+    assert n == 0 and float(loss) == 0.0
