@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -53,8 +52,9 @@ def picture(i: int) -> tuple[bytes, dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(folder, seconds spent training, last loss): the tiny LLaVA trained and saved as the
-    stages save it."""
+    """(folder, last loss): the tiny LLaVA trained and saved as the stages save it (its time is
+    not asserted: the same training takes 3.5 times as long on one 2-core machine as on
+    another)."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(TRAIN_PICTURES):
@@ -71,7 +71,6 @@ def trained(tmp_path_factory):
     seqs = [encode_conversation(turns, encode, chat, n_image) for _, turns in rows]
     px = torch.from_numpy(np.stack([pixels(data) for data, _ in rows]))
 
-    start = time.perf_counter()
     set_trainable(model, projector=True, lm=True)
     model.train()
     opt = torch.optim.AdamW(
@@ -88,11 +87,10 @@ def trained(tmp_path_factory):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    seconds = time.perf_counter() - start
     folder = str(tmp_path_factory.mktemp("llava") / "model")
     save_llava(model.eval(), processor_for(hf_tokenizer(tok), image_processor, tower.config, LAYOUT), folder,
                stage="test", steps=STEPS)  # fmt: skip
-    return folder, seconds, float(loss.detach())
+    return folder, float(loss.detach())
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +149,8 @@ def question(q: str) -> list[dict]:
 
 
 def test_the_folder_is_what_transformers_loads(trained, reference, chat):
-    folder, seconds, loss = trained
+    folder, loss = trained
     model, processor = reference
-    assert seconds < 60, f"training took {seconds:.0f} s"
     assert loss < 1.0, f"final training loss {loss:.2f}: the model learnt nothing to decode"
     assert type(processor).__name__ == "LlavaProcessor"
     assert model.config.image_seq_length == chat.image_tokens == 16
