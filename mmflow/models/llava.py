@@ -341,10 +341,8 @@ def save_llava(model, processor, out_dir: str, **meta: Any) -> None:
     ``AutoProcessor.from_pretrained`` load offline (safetensors), plus ``mmflow_llava.json``."""
     import os
 
-    from transformers.utils import logging as hf_logging
+    from mmflow.models.common.hf import save_pretrained
 
-    hf_logging.disable_progress_bar()  # its "Writing model shards" bar in every job log
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
+    save_pretrained(out_dir, model, processor)
     with open(os.path.join(out_dir, "mmflow_llava.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True, default=str)

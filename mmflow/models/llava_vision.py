@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any
 
+from mmflow.models.common.hf import save_pretrained
+
 
 def open_clip_vision(visual, model_cfg: dict[str, Any]):
     """(``CLIPVisionConfig``, state dict) of an open_clip ``VisionTransformer`` for transformers'
@@ -138,7 +140,7 @@ def prepare_vision_tower(
         cls = SiglipVisionModel if kind.startswith("siglip") else CLIPVisionModel
         tower = cls.from_pretrained(pretrained)
         processor = AutoImageProcessor.from_pretrained(pretrained)
-    tower.save_pretrained(out_dir, safe_serialization=True)
+    save_pretrained(out_dir, tower)
     settings = pixels_of(processor)
     with open(os.path.join(out_dir, PIXELS_FILE), "w") as f:
         json.dump(settings, f, indent=2)

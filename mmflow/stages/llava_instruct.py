@@ -89,7 +89,7 @@ class LlavaInstruct(Stage):
               f"pictures to question", flush=True)  # fmt: skip
         task = LlavaTask(
             mode="instruct", sources={"llava": align_uri}, layout=layout, image_processor=pixels,
-            image_tokens=image_tokens, train_vision=p.train_vision, eval_set=es, per_answer=p.answer_loss == "answer",
+            image_tokens=image_tokens, train_vision=p.train_vision, eval_set=es, answer_loss=p.answer_loss,
             gradient_checkpointing=p.gradient_checkpointing, train=p.train, tokenizer_json=tokenizer_json(local),
             max_len=int(config.text_config.max_position_embeddings), shuffle_buffer=p.shuffle_buffer, cache_mb=p.cache_mb,
             threads=max(1, int(ctx.resources.cpus)),

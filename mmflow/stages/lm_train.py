@@ -122,6 +122,7 @@ class LmTrain(Stage):
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from mmflow.models.common.hf import save_pretrained
         from mmflow.models.llava import CHAT_TEMPLATE, CHAT_TOKENS, IMAGE_TOKEN
 
         tok = AutoTokenizer.from_pretrained(p.pretrained)
@@ -134,8 +135,7 @@ class LmTrain(Stage):
             model.resize_token_embeddings(len(tok))
         tok.chat_template, tok.image_token = CHAT_TEMPLATE, IMAGE_TOKEN
         with tempfile.TemporaryDirectory(prefix="mmflow-lm-") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+            save_pretrained(tmp, model, tok)
             ctx.storage.upload_dir(tmp, ctx.outputs["model"])
         print(
             f"[{ctx.stage}] {p.pretrained}: loaded, {added} tokens added, not trained", flush=True

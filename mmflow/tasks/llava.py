@@ -209,13 +209,11 @@ class LmTask(_ChatTask):
         import os
 
         from tokenizers import Tokenizer
-        from transformers.utils import logging as hf_logging
 
+        from mmflow.models.common.hf import save_pretrained
         from mmflow.models.llava import hf_tokenizer
 
-        hf_logging.disable_progress_bar()
-        model.save_pretrained(out_dir, safe_serialization=True)
-        hf_tokenizer(Tokenizer.from_str(self.tokenizer_json)).save_pretrained(out_dir)
+        save_pretrained(out_dir, model, hf_tokenizer(Tokenizer.from_str(self.tokenizer_json)))
         with open(os.path.join(out_dir, "mmflow_lm.json"), "w") as f:
             json.dump(
                 {**self.save_meta, "steps": self._step or self.train.max_steps},
@@ -230,11 +228,13 @@ class LlavaTask(_ChatTask):
 
     ``sources``: ``vision`` (a ``CLIPVisionModel`` folder) and ``lm`` (a ``LlamaForCausalLM``
     folder) for ``align``; ``llava`` (stage 1's exported folder) for ``instruct``. Each worker
-    builds the same model from them (the projector from the seeded initialisation)."""
+    builds the same model from them (the projector from the seeded initialisation).
+    ``answer_loss``: ``token`` (every answer token weighs the same) or ``answer`` (every answer
+    does, see :func:`mmflow.models.llava.next_token_loss`)."""
 
     def __init__(self, *, mode: str, sources: dict[str, str], layout, image_processor: dict[str, Any],
                  image_tokens: int, train_vision: bool = False, eval_set=None, gradient_checkpointing: bool = False,
-                 per_answer: bool = False, tracking_uri: str = "", run_id: str | None = None, **kw):  # fmt: skip
+                 answer_loss: str = "token", tracking_uri: str = "", run_id: str | None = None, **kw):  # fmt: skip
         super().__init__(**kw)
         if mode not in ("align", "instruct"):
             raise ValueError(f"LlavaTask mode must be align or instruct, got {mode!r}")
@@ -245,7 +245,9 @@ class LlavaTask(_ChatTask):
             train_vision,
         )
         self.eval_set, self.gradient_checkpointing = eval_set, gradient_checkpointing
-        self.per_answer = per_answer
+        if answer_loss not in ("token", "answer"):
+            raise ValueError(f"LlavaTask answer_loss must be token or answer, got {answer_loss!r}")
+        self.answer_loss = answer_loss
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._pixels = None
 
@@ -310,7 +312,7 @@ class LlavaTask(_ChatTask):
         self._step = batch["step"] + 1
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                        attention_mask=batch["attention_mask"]).logits  # fmt: skip
-        loss, n = next_token_loss(logits, batch["labels"], per_answer=self.per_answer)
+        loss, n = next_token_loss(logits, batch["labels"], per_answer=self.answer_loss == "answer")
         self._masked(n)
         return loss, {"answer_tokens": float(n)}
 

@@ -83,11 +83,13 @@ class Node:
         return len(family)
 
     def stop(self) -> None:
+        """SIGTERM, and SIGKILL for what is still there after 5 s (some of Ray's helpers sit
+        out a SIGTERM for 20 s; a node being torn down has nothing left to finish)."""
         family = self.processes()
         for p in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
-        _, alive = psutil.wait_procs(family, timeout=20)
+        _, alive = psutil.wait_procs(family, timeout=5)
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
