@@ -101,3 +101,13 @@ def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout
         text=True,
         timeout=timeout,
     )
+
+
+def forget_native_log(pid: int) -> None:
+    """Remove the native-stderr file of a ``mmflow`` driver a test killed: the console keeps
+    it, as after any failed run, and killed runs would pile them up in the temp folder."""
+    import contextlib
+    import tempfile
+
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(tempfile.gettempdir(), f"mmflow-native-{pid}.log"))

@@ -12,7 +12,7 @@ import sys
 import tarfile
 import time
 
-from tests.conftest import MMFLOW, ROOT, run_cli
+from tests.conftest import MMFLOW, ROOT, forget_native_log, run_cli
 
 QUICKSTART = os.path.join(ROOT, "pipelines", "quickstart.yaml")
 
@@ -20,8 +20,6 @@ QUICKSTART = os.path.join(ROOT, "pipelines", "quickstart.yaml")
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the driver and everything it started (its local Ray included), and remove the
     file a killed driver's console leaves behind (its native stderr, kept as after a failure)."""
-    import tempfile
-
     import psutil
 
     parent = psutil.Process(proc.pid)
@@ -31,8 +29,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             p.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     psutil.wait_procs(family, timeout=30)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(tempfile.gettempdir(), f"mmflow-native-{proc.pid}.log"))
+    forget_native_log(proc.pid)
 
 
 def test_sigkill_during_synth_then_rerun_is_exact(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 from mmflow.config import load_pipeline
 from mmflow.runner import Runner, SelectionError, StageFailed
+from tests.conftest import forget_native_log
 
 TOY = """
 numbers:
@@ -271,6 +272,7 @@ def test_sigkill_during_a_forced_rerun_leaves_the_committed_output_intact(toy, r
     assert glob.glob(f"{attempts}/*/total/total.json"), "the forced attempt never wrote"
     psutil.Process(proc.pid).kill()
     proc.wait(timeout=30)
+    forget_native_log(proc.pid)
     assert open(man_path).read() == man and open(out).read() == before
     assert {s.name: s.state for s in runner(toy).status()}["total"] == "done"
     assert runner(toy).run().cached == ["numbers", "total"]

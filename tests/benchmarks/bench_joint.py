@@ -7,8 +7,11 @@ them), batch and torch threads:
 - stage (DDP and DeepSpeed ZeRO-2): the ``joint_train`` stage run by the runner on a local
   Ray, the token table streaming through Ray Data; its steady-state tokens/s is the median of
   the ``train/tokens_per_s`` the harness logged after the first ``--warmup`` steps;
-- bare: one process, the same model and AdamW, sequences built beforehand and kept in memory,
-  timed after the same warm-up;
+- bare: a fresh process (Ray stopped), the same model and AdamW, sequences built beforehand and kept in
+  memory, timed after the same warm-up; run before, between and after the two stage runs, and
+  each stage compared with the mean of the bare runs on either side of it (on a shared machine
+  the speed drifts over minutes: one bare run at the end once put DDP at 0.66 and ZeRO-2 at
+  0.82 although their whole runs took the same time);
 - sampling: ``--prompts`` pictures drawn with classifier-free guidance by the KV-cache sampler
   and by the no-cache loop (``mmflow.generate.sampling.sample_no_cache``).
 
@@ -58,9 +61,7 @@ stages:
 """
 
 
-def stage_tokens_per_s(work: str, a, strategy: str) -> tuple[float, dict]:
-    from mlflow import MlflowClient
-
+def _runner(work: str, a, strategy: str):
     from mmflow.config import load_pipeline
     from mmflow.runner import Runner
 
@@ -69,7 +70,13 @@ def stage_tokens_per_s(work: str, a, strategy: str) -> tuple[float, dict]:
         f.write(textwrap.dedent(PIPELINE.format(work=work, arch=a.arch, strategy=strategy,
                                                 steps=a.steps, batch=a.batch_size,
                                                 threads=a.threads)))  # fmt: skip
-    runner = Runner(load_pipeline(path))
+    return Runner(load_pipeline(path))
+
+
+def stage_tokens_per_s(work: str, a, strategy: str) -> tuple[float, dict]:
+    from mlflow import MlflowClient
+
+    runner = _runner(work, a, strategy)
     runner.run()
     row = {r.name: r for r in runner.status()}["joint"]
     history = MlflowClient(runner.p.tracking_uri).get_metric_history(
@@ -148,23 +155,41 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--bare-from", help=argparse.SUPPRESS)  # internal: the bare loop alone
     a = p.parse_args()
+    if a.bare_from:
+        print(json.dumps({"bare_tokens_per_s": bare_tokens_per_s(a.bare_from, a)}))
+        return
+    import subprocess
+
     import ray
 
-    from mmflow.ray_env import ensure_ray
+    def bare(tokens: str) -> float:
+        """The bare loop in a fresh process, Ray stopped meanwhile (the next stage run starts
+        it again): the bare loop gets the machine to itself."""
+        ray.shutdown()
+        args = [sys.executable, __file__, "--bare-from", tokens, "--arch", a.arch,
+                "--steps", str(a.steps), "--warmup", str(a.warmup),
+                "--batch-size", str(a.batch_size), "--threads", str(a.threads)]  # fmt: skip
+        out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["bare_tokens_per_s"]
 
-    ensure_ray()  # the runner's own local Ray
     with tempfile.TemporaryDirectory(prefix="bench-joint-") as work:
+        # The machine's speed drifts over minutes: each stage run is compared with the bare
+        # loop run right before and right after it (their mean), not with one run at the end.
+        _runner(work, a, "ddp").run(only=["synth", "vq", "tok"])
+        tokens = os.path.join(work, _tokens_folder(work))
+        bares = [bare(tokens)]
         ddp, outputs = stage_tokens_per_s(work, a, "ddp")
+        bares.append(bare(tokens))
         zero2, _ = stage_tokens_per_s(work, a, "deepspeed")
-        ray.shutdown()  # the bare loop and the sampler get the machine to themselves
-        bare = bare_tokens_per_s(os.path.join(work, _tokens_folder(work)), a)
+        bares.append(bare(tokens))  # Ray stopped: the sampler gets the machine to itself
         sampling = sampling_speedup(outputs["model"], a)
     result = {
         "arch": a.arch, "batch_size": a.batch_size, "threads": a.threads, "steps": a.steps,
         "stage_ddp_tokens_per_s": ddp, "stage_zero2_tokens_per_s": zero2,
-        "bare_tokens_per_s": bare, "train_ratio_ddp": ddp / bare, "train_ratio_zero2": zero2 / bare,
-        **sampling,
+        "bare_tokens_per_s": bares, "train_ratio_ddp": ddp / statistics.mean(bares[:2]),
+        "train_ratio_zero2": zero2 / statistics.mean(bares[1:]), **sampling,
     }  # fmt: skip
     print(json.dumps(result))
 

@@ -99,14 +99,16 @@ class LocalCluster:
     """A head node and worker nodes, each a ``ray start`` process group with its own
     ``--num-cpus`` and a custom resource named after it ({"head": 1}, {"node_b": 1})."""
 
-    def __init__(self, folder: str, env: dict[str, str]):
+    def __init__(self, folder: str, env: dict[str, str], fast_failure: bool = True):
+        """``fast_failure``: the head declares a node dead after 3 s of missed health checks
+        (for the tests that kill nodes); without it Ray's own, lenient, settings."""
         self.folder, self.nodes = folder, {}
         # Like provisioned nodes: the locked environment is first on PATH, so jobs' `python`
         # is it; the cluster's own settings (credentials included) are in the nodes' env.
         self.env = {
             **os.environ,
             **env,
-            **FAST_FAILURE_DETECTION,
+            **(FAST_FAILURE_DETECTION if fast_failure else {}),
             "RAY_USAGE_STATS_ENABLED": "0",
             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
         }

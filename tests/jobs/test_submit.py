@@ -17,7 +17,7 @@ from tests.jobs.cluster import LocalCluster
 def ray_cluster(tmp_path_factory):
     """A head node on loopback (tests/jobs/cluster.py), as a provisioned cluster would have;
     yields the dashboard address jobs are submitted to."""
-    cluster = LocalCluster(str(tmp_path_factory.mktemp("cluster")), {})
+    cluster = LocalCluster(str(tmp_path_factory.mktemp("cluster")), {}, fast_failure=False)
     try:
         cluster.start_head(cpus=2)
         yield cluster.dashboard
