@@ -7,11 +7,11 @@ them), batch and torch threads:
 - stage (DDP and DeepSpeed ZeRO-2): the ``joint_train`` stage run by the runner on a local
   Ray, the token table streaming through Ray Data; its steady-state tokens/s is the median of
   the ``train/tokens_per_s`` the harness logged after the first ``--warmup`` steps;
-- bare: a fresh process (Ray stopped), the same model and AdamW, sequences built beforehand and kept in
-  memory, timed after the same warm-up; run before, between and after the two stage runs, and
-  each stage compared with the mean of the bare runs on either side of it (on a shared machine
-  the speed drifts over minutes: one bare run at the end once put DDP at 0.66 and ZeRO-2 at
-  0.82 although their whole runs took the same time);
+- bare: a fresh process (Ray stopped), the same model and AdamW, sequences built beforehand
+  and kept in memory, timed after the same warm-up; run before, between and after the two
+  stage runs, each stage compared with the mean of the bare runs on either side of it (on a
+  shared machine the speed drifts over minutes: one bare run at the end once put DDP at 0.66
+  and ZeRO-2 at 0.82 although their whole runs took the same time);
 - sampling: ``--prompts`` pictures drawn with classifier-free guidance by the KV-cache sampler
   and by the no-cache loop (``mmflow.generate.sampling.sample_no_cache``).
 
