@@ -284,13 +284,28 @@ def next_token_loss(logits, labels, per_answer: bool = False):
     return (nll * weight).sum() / (length.numel() - 1), n
 
 
+def feature_layer_index(layer: int, vision_config) -> int:
+    """``layer`` as the negative index of the tower's hidden states (0: the embeddings, then
+    one per encoder layer), so ``0`` and ``-(layers + 1)`` mean the same. Llava's config is
+    written with the negative index because transformers 5 drops the hidden states when the
+    index is ``0`` (it passes the index on as ``output_hidden_states``, and 0 is false)."""
+    n = int(vision_config.num_hidden_layers) + 1
+    if not -n <= layer < n:
+        raise ValueError(
+            f"vision feature_layer {layer} is out of range: the tower has "
+            f"{n - 1} layers, so its hidden states are {-n}..{n - 1}"
+        )
+    return layer - n if layer >= 0 else layer
+
+
 def build_llava(vision_config, text_config, image_token_id: int, pad_id: int, layout: VisionLayout):
     """An untrained ``LlavaForConditionalGeneration``; load parts with :func:`load_parts`."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    layer = feature_layer_index(layout.feature_layer, vision_config)
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-        projector_hidden_act=layout.projector_act, vision_feature_layer=layout.feature_layer,
+        projector_hidden_act=layout.projector_act, vision_feature_layer=layer,
         vision_feature_select_strategy=layout.select_strategy,
         image_seq_length=layout.image_tokens(vision_config), pad_token_id=pad_id,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),

@@ -45,7 +45,7 @@ class VisionParams(Params):
         None, description="a Hugging Face CLIP/SigLIP (else the clip input)"
     )
     feature_layer: int = Field(
-        -2, description="hidden state fed to the projector (-2: penultimate)"
+        -2, description="hidden state fed to the projector (-2: penultimate, 0: patch embeddings)"
     )
     select_strategy: str = Field(
         "default", pattern="^(default|full)$", description="default: drop CLS"
@@ -84,6 +84,7 @@ class LlavaAlign(Stage):
         from transformers import CLIPVisionConfig
 
         from mmflow.io.cache import materialize
+        from mmflow.models.llava import feature_layer_index
         from mmflow.models.llava_vision import PIXELS_FILE, prepare_vision_tower
         from mmflow.tasks.llava import LlavaTask
 
@@ -106,7 +107,9 @@ class LlavaAlign(Stage):
         lm_uri = ctx.inputs["lm"].uri
         tok_json = tokenizer_json(materialize(lm_uri, ctx.storage))
         layout = p.vision.layout()
-        image_tokens = layout.image_tokens(CLIPVisionConfig.from_pretrained(vision_dir))
+        vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
+        feature_layer_index(layout.feature_layer, vision_config)  # out of range: before training
+        image_tokens = layout.image_tokens(vision_config)
         max_len = int(
             read_json(os.path.join(materialize(lm_uri), "config.json"))["max_position_embeddings"]
         )

@@ -27,6 +27,7 @@ from mmflow.models.llava import (
     add_chat_tokens,
     build_llava,
     encode_conversation,
+    feature_layer_index,
     hf_tokenizer,
     lm_arch_names,
     lm_config,
@@ -370,6 +371,33 @@ def test_layout_values_are_checked():
     with pytest.raises(ValueError, match="mlp2x_gelu or linear"):
         VisionLayout(projector="mlp3x")
     assert VisionLayout(projector="linear").projector_act == "linear"
+
+
+@pytest.mark.parametrize("layer", [0, 1, -2])
+def test_every_feature_layer_reaches_the_projector_layer_0_included(tok, tower, layer):
+    """Layer 0 (the patch embeddings) is written as its negative index: transformers 5 drops
+    the hidden states for an index of 0 and the forward fails."""
+    vision, _ = tower
+    depth = vision.config.num_hidden_layers
+    model, _ = tiny_llava(tok, vision, {"num_hidden_layers": 1}, VisionLayout(feature_layer=layer))
+    assert model.config.vision_feature_layer == (layer - depth - 1 if layer >= 0 else layer)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.model.multi_modal_projector(
+            vision(pixel_values=x, output_hidden_states=True).hidden_states[layer][:, 1:]
+        )
+        got = model.model.get_image_features(pixel_values=x).pooler_output
+    assert torch.allclose(torch.cat(list(got)).reshape(want.shape), want, atol=1e-5)
+
+
+def test_a_feature_layer_the_tower_lacks_is_named():
+    class Config:
+        num_hidden_layers = 3
+
+    assert feature_layer_index(3, Config) == -1 and feature_layer_index(-4, Config) == -4
+    for layer in (4, -5):
+        with pytest.raises(ValueError, match=rf"feature_layer {layer} .* 3 layers.*-4\.\.3"):
+            feature_layer_index(layer, Config)
 
 
 # --- the loss -------------------------------------------------------------------------------------
