@@ -103,6 +103,24 @@ def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout
     )
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a ``mmflow`` driver and everything it started (its local Ray included), and
+    remove the file a killed driver's console leaves behind (:func:`forget_native_log`)."""
+    import contextlib
+    import signal
+
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    family = [parent, *parent.children(recursive=True)]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+    forget_native_log(proc.pid)
+
+
 def forget_native_log(pid: int) -> None:
     """Remove the native-stderr file of a ``mmflow`` driver a test killed: the console keeps
     it, as after any failed run, and killed runs would pile them up in the temp folder."""

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
 import time
 
-from tests.conftest import MMFLOW, ROOT, forget_native_log, run_cli
+from tests.conftest import MMFLOW, ROOT, kill_tree, run_cli
 
 QUICKSTART = os.path.join(ROOT, "pipelines", "quickstart.yaml")
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything it started (its local Ray included), and remove the
-    file a killed driver's console leaves behind (its native stderr, kept as after a failure)."""
-    import psutil
-
-    parent = psutil.Process(proc.pid)
-    family = [parent, *parent.children(recursive=True)]
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    psutil.wait_procs(family, timeout=30)
-    forget_native_log(proc.pid)
 
 
 def test_sigkill_during_synth_then_rerun_is_exact(tmp_path):
@@ -58,7 +41,7 @@ def test_sigkill_during_synth_then_rerun_is_exact(tmp_path):
     while len(glob.glob(pattern)) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed; make it bigger"
-    _kill_tree(proc)
+    kill_tree(proc)
     done_before = {p: os.stat(p).st_mtime_ns for p in glob.glob(pattern)}
     assert 3 <= len(done_before) < n // per_shard
     [out] = glob.glob(str(tmp_path / "store" / "quickstart" / "synth" / "*"))

@@ -22,9 +22,8 @@ from mmflow.data.shards import read_index
 from mmflow.runner import Runner, StageFailed
 from mmflow.stages.ingest_urls import IngestUrlsParams
 from mmflow.storage import Storage
-from tests.conftest import MMFLOW, ROOT, run_cli
+from tests.conftest import MMFLOW, ROOT, kill_tree, run_cli
 from tests.data.http_server import LoopbackServer, jpeg
-from tests.test_cli import _kill_tree
 
 WEB = os.path.join(ROOT, "pipelines", "web.yaml")
 # failure route -> (status, error kind) it must produce
@@ -96,7 +95,7 @@ def test_cli_every_failure_kind_sigkill_rerun_each_good_image_once(tmp_path, wri
     while len(glob.glob(pattern)) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be killed"
-    _kill_tree(proc)
+    kill_tree(proc)
     out = stage_folder(tmp_path)
     folder = os.path.join(out, "shards")
     done_before = {p: os.stat(p).st_mtime_ns for p in glob.glob(pattern)}
