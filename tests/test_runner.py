@@ -10,7 +10,7 @@ import pytest
 
 from mmflow.config import load_pipeline
 from mmflow.runner import Runner, SelectionError, StageFailed
-from tests.conftest import forget_native_log
+from tests.conftest import kill_tree
 
 TOY = """
 numbers:
@@ -249,8 +249,6 @@ def test_no_wait_refuses_while_another_run_writes(toy, ray_session):
 
 
 def test_sigkill_during_a_forced_rerun_leaves_the_committed_output_intact(toy, ray_session):
-    import psutil
-
     r = runner(toy)
     r.run()
     man_path = os.path.join(r.uri("total"), "_MANIFEST.json")
@@ -270,9 +268,7 @@ def test_sigkill_during_a_forced_rerun_leaves_the_committed_output_intact(toy, r
     while not glob.glob(f"{attempts}/*/total/total.json") and time.time() < deadline:
         time.sleep(0.1)
     assert glob.glob(f"{attempts}/*/total/total.json"), "the forced attempt never wrote"
-    psutil.Process(proc.pid).kill()
-    proc.wait(timeout=30)
-    forget_native_log(proc.pid)
+    kill_tree(proc)
     assert open(man_path).read() == man and open(out).read() == before
     assert {s.name: s.state for s in runner(toy).status()}["total"] == "done"
     assert runner(toy).run().cached == ["numbers", "total"]
