@@ -75,6 +75,10 @@ class JointTrainParams(Params):
     judge_steps: int = Field(300, ge=1, description="attribute judge training steps")
     judge_images: int = Field(3000, ge=1, description="real pictures the judge trains on")
     shuffle_buffer: int = Field(2048, ge=1, description="rows shuffled together per worker")
+    cache_mb: int = Field(
+        512, ge=0, description="a worker's share of the table kept in memory after the first "
+        "epoch when it fits (every worker decides alike); 0 = every epoch streamed again",
+    )  # fmt: skip
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     guidance_sweep: list[float] = Field(
         [1.0, 1.5, 2.0, 3.0, 5.0],
@@ -106,6 +110,13 @@ def _table_facts(ctx: StageContext):
     except FileNotFoundError as e:  # a stage input, not a missing file of the user's
         raise ValueError(str(e)) from None
     return files, meta, dataset
+
+
+def _share_fits(rows: int, workers: int, seq_len: int, cache_mb: int) -> bool:
+    """Whether one worker's share of ``rows`` (held-out ones counted too: an upper bound) fits
+    ``cache_mb`` as the Python lists the task keeps (about 40 bytes a token id)."""
+    per_worker = -(-rows // max(1, workers))
+    return cache_mb > 0 and per_worker * (40 * seq_len + 200) <= cache_mb << 20
 
 
 def _longest_caption(files: list[str]) -> int:
@@ -217,6 +228,8 @@ class JointTrain(Stage):
                        "token_table_fingerprint": ctx.inputs["tokens"].fingerprint},
             threads=threads, preview=p.preview,
             tracking_uri=absolute_tracking_uri(ctx.tracking_uri), run_id=ctx.run_id,
+            replay_rows=_share_fits(dataset.count_rows(), ctx.resources.workers, vocab.seq_len,
+                                    p.cache_mb),
         )  # fmt: skip
         datasets = {"train": training_rows(files, p.holdout_fraction)}
         final = fit(task, p.train, ctx, model_output="model", datasets=datasets)

@@ -1,8 +1,9 @@
 """The joint-stream transformer's training task: both directions in one model.
 
 Data: the token table streams through Ray Data (``ray.train.get_dataset_shard("train")``),
-held-out keys already filtered out by the stage; each batch becomes text->image sequences
-and, for ``i2t_share`` of its rows, image->text ones, with the caption dropped for
+held-out keys already filtered out by the stage, read once and replayed from memory after
+that when the rank's share fits the stage's ``cache_mb``; each batch becomes text->image
+sequences and, for ``i2t_share`` of its rows, image->text ones, with the caption dropped for
 ``cond_dropout`` of the text->image rows (classifier-free guidance needs an unconditional
 model). Loss: the two streams' mean NLLs, weighted (:func:`mmflow.models.joint.joint_losses`).
 
@@ -51,6 +52,7 @@ class JointTask(TrainTask):
         preview: int = 16,
         tracking_uri: str = "",
         run_id: str | None = None,
+        replay_rows: bool = False,
     ):
         self.cfg, self.vocab, self.train = cfg, vocab, train
         self.i2t_share, self.cond_dropout, self.loss_weights = i2t_share, cond_dropout, loss_weights
@@ -63,6 +65,7 @@ class JointTask(TrainTask):
         )
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.guidance_sweep = tuple(guidance_sweep)
+        self.replay_rows = replay_rows
         self.tokens_per_sample = vocab.seq_len  # the harness reports tokens/s
         self._painter = self._judge = None
         self._step = 0
@@ -97,38 +100,37 @@ class JointTask(TrainTask):
         return prefetched(self._batches(ray.train.get_dataset_shard("train"), rank, start_step))
 
     def _batches(self, shard, rank: int, start_step: int) -> Iterator[dict]:
+        """Sequences, forever: the first epoch read from the Ray Data shard through a shuffle
+        buffer; later ones replayed from memory in a fresh order when ``replay_rows`` (the
+        stage decides it for every rank alike: a rank that stopped reading its split while
+        another still read would leave that one waiting), else streamed again. Each streamed
+        epoch starts a Ray Data execution beside the training step: several seconds of a
+        2-core machine's time, every ~90 steps in the quickstart."""
         import torch
 
+        from mmflow.train.epochs import Epochs, batches
+
         gen = torch.Generator().manual_seed(self.train.seed * 1_000_003 + rank * 7919 + start_step)
-        seed = random.Random(f"{self.train.seed}-{rank}-{start_step}").randrange(2**31)
-        epoch, micro = 0, start_step * self.train.grad_accum
-        while True:
-            n = 0
-            batches = shard.iter_batches(
-                batch_size=self.train.batch_size,
-                batch_format="numpy",
-                drop_last=True,
-                local_shuffle_buffer_size=self.shuffle_buffer,
-                local_shuffle_seed=seed + epoch,
-            )
-            for batch in batches:
-                seq = self.vocab.batch(
-                    [ids.tolist() for ids in batch["text_ids"]],
-                    [codes.tolist() for codes in batch["image_tokens"]],
-                    i2t_share=self.i2t_share,
-                    cond_dropout=self.cond_dropout,
-                    generator=gen,
+        rng = random.Random(f"{self.train.seed}-{rank}-{start_step}")
+        epochs = Epochs(self.shuffle_buffer, 1 << 62 if self.replay_rows else 0, lambda row: 0)
+
+        def stream() -> Iterator[tuple[list[int], list[int]]]:
+            for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+                texts, images = batch["text_ids"], batch["image_tokens"]
+                yield from zip(
+                    [t.tolist() for t in texts], [c.tolist() for c in images], strict=True
                 )
-                inputs, targets = seq.inputs_targets()
-                n += 1
-                # the step travels with the batch: the grid's name and the saved step count
-                yield {"inputs": inputs, "targets": targets, "step": micro // self.train.grad_accum}
-                micro += 1
-            if n == 0:
-                raise RuntimeError(
-                    f"rank {rank}: fewer training rows than one batch of {self.train.batch_size}"
-                )
-            epoch += 1
+
+        micro = start_step * self.train.grad_accum
+        empty = f"rank {rank}: no training rows in its share of the token table"
+        for rows in batches(lambda: epochs.epoch(stream, rng), self.train.batch_size, empty):
+            texts, images = zip(*rows, strict=True)
+            seq = self.vocab.batch(texts, images, i2t_share=self.i2t_share,
+                                   cond_dropout=self.cond_dropout, generator=gen)  # fmt: skip
+            inputs, targets = seq.inputs_targets()
+            # the step travels with the batch: the grid's name and the saved step count
+            yield {"inputs": inputs, "targets": targets, "step": micro // self.train.grad_accum}
+            micro += 1
 
     # --- loss and eval ----------------------------------------------------------------------------
     def loss(self, model, batch):
