@@ -5,8 +5,10 @@ One run, side by side, the same model (``--arch``, random weights: speed does no
 them), batch and torch threads:
 
 - stage (DDP and DeepSpeed ZeRO-2): the ``joint_train`` stage run by the runner on a local
-  Ray, the token table streaming through Ray Data; its steady-state tokens/s is the median of
-  the ``train/tokens_per_s`` the harness logged after the first ``--warmup`` steps;
+  Ray, the token table streaming through Ray Data; its steady-state tokens/s is the harmonic
+  mean of the ``train/tokens_per_s`` the harness logged after the first ``--warmup`` steps
+  (windows of equal steps: the tokens over the time, as for the bare loop, so a slow window,
+  an epoch boundary say, counts as it does in wall time; a median hid it);
 - bare: a fresh process (Ray stopped), the same model and AdamW, sequences built beforehand
   and kept in memory, timed after the same warm-up; run before, between and after the two
   stage runs, each stage compared with the mean of the bare runs on either side of it (on a
@@ -83,7 +85,7 @@ def stage_tokens_per_s(work: str, a, strategy: str) -> tuple[float, dict]:
         row.mlflow_run_id, "train/tokens_per_s"
     )
     steady = [m.value for m in history if m.step > a.warmup]
-    return statistics.median(steady), row.outputs
+    return statistics.harmonic_mean(steady), row.outputs
 
 
 def bare_tokens_per_s(tokens_uri: str, a) -> float:
