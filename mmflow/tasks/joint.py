@@ -112,7 +112,7 @@ class JointTask(TrainTask):
 
         gen = torch.Generator().manual_seed(self.train.seed * 1_000_003 + rank * 7919 + start_step)
         rng = random.Random(f"{self.train.seed}-{rank}-{start_step}")
-        epochs = Epochs(self.shuffle_buffer, 1 << 62 if self.replay_rows else 0, lambda row: 0)
+        epochs = Epochs(self.shuffle_buffer, None if self.replay_rows else 0)
 
         def stream() -> Iterator[tuple[list[int], list[int]]]:
             for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):

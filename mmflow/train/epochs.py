@@ -14,9 +14,15 @@ from typing import Any
 
 
 class Epochs:
-    """``epoch(stream, rng)`` yields one pass; ``size(example)`` is its bytes in the cache."""
+    """``epoch(stream, rng)`` yields one pass; ``size(example)`` is its bytes in the cache.
+    ``cache_bytes=None`` keeps every epoch whatever its size: for a caller that decided already
+    (ranks reading one Ray Data split must all replay, or all read again)."""
 
-    def __init__(self, shuffle_buffer: int, cache_bytes: int, size: Callable[[Any], int]):
+    def __init__(
+        self, shuffle_buffer: int, cache_bytes: int | None, size: Callable[[Any], int] | None = None
+    ):
+        if cache_bytes and size is None:
+            raise ValueError("a cache of cache_bytes needs size(example)")
         self.shuffle_buffer, self.cache_bytes, self.size = shuffle_buffer, cache_bytes, size
         self.cached: list | None = None  # the whole epoch, once one was seen whole and fit
 
@@ -26,13 +32,15 @@ class Epochs:
                 self.cached[i] for i in rng.sample(range(len(self.cached)), len(self.cached))
             )
             return
-        cache: list | None = [] if self.cache_bytes > 0 else None
-        budget, buffer = self.cache_bytes, []
+        unbounded = self.cache_bytes is None
+        cache: list | None = [] if unbounded or self.cache_bytes > 0 else None
+        budget, buffer = self.cache_bytes or 0, []
         for example in stream():
             if cache is not None:
                 cache.append(example)
-                budget -= self.size(example)
-                cache = cache if budget >= 0 else None
+                if not unbounded:
+                    budget -= self.size(example)
+                    cache = cache if budget >= 0 else None
             buffer.append(example)
             if len(buffer) >= self.shuffle_buffer:
                 i = rng.randrange(len(buffer))
