@@ -168,6 +168,11 @@ def cmd_run(args) -> int:
             print(f"mmflow: native code's own output is in {console.native_log}", file=sys.stderr)
         print(f"mmflow: finished stages are kept; to resume run:\n  {e.resume}", file=sys.stderr)
         return EXIT_FAILED
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; `ray job stop` (Ray's SIGTERM handler)
+        resume = runner.resume_command(args.only, args.from_stage)
+        print(f"\nmmflow: stopped; finished stages and shards are kept; to resume run:\n  {resume}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise
     print(
         f"[mmflow] {pipeline.name}: {len(report.executed)} executed, {len(report.cached)} cached; "
         f"MLflow run {report.parent_run_id} at {redact_uri(pipeline.tracking_uri)}",

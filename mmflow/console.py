@@ -82,7 +82,9 @@ class Console:
             self._tasks.clear()
             self._bars.stop()
             self._bars = None
-        self._native_stderr_back(keep=exc[0] is not None)
+        # kept for a failure (the CLI names the file); a stop (Ctrl-C, or the SystemExit Ray's
+        # SIGTERM handler raises when `ray job stop` ends a driver) is no failure to look into
+        self._native_stderr_back(keep=exc[0] is not None and issubclass(exc[0], Exception))
         progress.install(self._previous)
 
     def _native_stderr_off(self) -> None:
@@ -109,8 +111,8 @@ class Console:
 
     def _native_stderr_back(self, keep: bool) -> None:
         """fd 2 back to the terminal. The file is kept only when it holds something and the
-        block ended in an error (the CLI names it then); after a clean run it goes, so runs do
-        not pile files up in the temporary folder."""
+        block ended in an error (the CLI names it then); after a clean run or a stop it goes, so
+        runs do not pile files up in the temporary folder."""
         if self._saved_stderr is None:
             return
         original, terminal = self._saved_stderr

@@ -300,7 +300,7 @@ def test_native_writes_to_fd_2_go_to_a_file_and_python_stderr_stays(tmp_path):
     """What native code writes straight to file descriptor 2 (Ray's core worker in the driver
     does) goes to the console's ``native_log`` while it is entered; Python's ``sys.stderr``,
     where mmflow's errors go, stays on the terminal, and fd 2 comes back on exit. The file
-    outlives the block only when the block failed (the CLI names it then)."""
+    outlives the block only when the block failed (the CLI names it then), not after a stop."""
     script = textwrap.dedent(
         """
         import os, sys
@@ -333,6 +333,25 @@ def test_native_writes_to_fd_2_go_to_a_file_and_python_stderr_stays(tmp_path):
     with open(lines[-1]) as f:  # a failed one keeps what native code wrote
         assert f.read() == "native before a failure\n"
     os.remove(lines[-1])
+    # a stop is no failure: Ctrl-C, or the SystemExit Ray's SIGTERM handler raises
+    stops = textwrap.dedent(
+        """
+        import os
+        from mmflow.console import Console
+        for stop in (KeyboardInterrupt, SystemExit):
+            try:
+                with Console(live=False) as c:
+                    os.write(2, b"native before a stop\\n")
+                    path = c.native_log
+                    raise stop()
+            except stop:
+                print(os.path.exists(path), c.native_log)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", stops], capture_output=True, text=True,
+                          cwd=str(tmp_path), timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["False None"] * 2, done.stdout
     # verbose leaves fd 2 alone
     verbose = textwrap.dedent(
         """

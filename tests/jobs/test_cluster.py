@@ -8,12 +8,14 @@ only the endpoint and region (see jobs/submit.py)."""
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import pytest
@@ -213,6 +215,7 @@ def test_a_stopped_job_resubmitted_redoes_no_finished_stage_or_shard(
 ):
     """On the head alone (the tests before killed the other node)."""
     job = Job(cluster, tracking, "stop", "shapes.params.num_samples=4800")  # 48 shards
+    native_logs = set(glob.glob(os.path.join(tempfile.gettempdir(), "mmflow-native-*.log")))
     proc = job.submit("synth", "shapes", wait=False)
     job_id = next(m.group(1) for line in proc.stdout if (m := re.match(r"submitted (\S+):", line)))
     job.wait_until(proc, "3 finished shapes shards", lambda: job.finished_shards("shapes") >= 3)
@@ -227,6 +230,9 @@ def test_a_stopped_job_resubmitted_redoes_no_finished_stage_or_shard(
     assert stop.returncode == 0, stop.stdout + stop.stderr
     job.wait(proc, status=1)
     assert "STOPPED" in job.log
+    assert "mmflow: stopped; finished stages and shards are kept; to resume run:" in job.log
+    # the stopped driver's native-output file went with it (a stop is no failure to look into)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "mmflow-native-*.log"))) <= native_logs
     assert job.plan.manifest("shapes") is None and job.plan.manifest("synth") is not None
     synth_commit = job.plan.manifest("synth")["committed_at"]
     st, folder = Storage(), join(job.plan.uri("shapes"), "shards")
