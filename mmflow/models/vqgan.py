@@ -135,6 +135,34 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
+class PatchEncoder(nn.Module):
+    """Each f x f patch alone -> its z, by a residual MLP (1x1 convs, no norm across positions).
+
+    The convolutional encoder's receptive field and group norm make a code depend on the whole
+    picture: on flat-colour scenes the same background patch gets dozens of codes, depending on
+    what else the picture holds, and a model over the tokens must learn each variant apart. A
+    patch-local encoder gives a patch one code wherever it is; the decoder keeps its context."""
+
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        f, width = cfg.downsample_factor, cfg.channels * cfg.channel_mult[-1]
+        self.f = f
+        self.conv_in = nn.Conv2d(3 * f * f, width, 1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.SiLU(), nn.Conv2d(width, 2 * width, 1), nn.SiLU(), nn.Conv2d(2 * width, width, 1)
+            )  # fmt: skip
+            for _ in range(cfg.num_res_blocks + 1)
+        )
+        self.conv_out = nn.Conv2d(width, cfg.z_channels, 1)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, z_channels, H/f, W/f)
+        h = self.conv_in(F.pixel_unshuffle(x, self.f))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.conv_out(F.silu(h))
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
@@ -242,7 +270,8 @@ class VQGAN(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.local_encoder else Encoder(cfg)
+        self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
         self.quantizer = Quantizer(cfg)

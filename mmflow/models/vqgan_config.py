@@ -21,6 +21,9 @@ class VQGANConfig:
     num_res_blocks: int = 1  # per level in the encoder (the decoder has one more)
     attn_resolutions: tuple[int, ...] = ()  # feature-map sides with self-attention
     mid_attention: bool = True  # attention in the middle block, at the token grid
+    # True: each code sees only its own f x f pixel patch (per-patch MLP encoder); the same
+    # patch always gets the same code, so the codes compose (see PatchEncoder)
+    local_encoder: bool = False
     z_channels: int = 64  # encoder output / decoder input width
     dropout: float = 0.0
     codebook_size: int = 512

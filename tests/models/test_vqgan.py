@@ -240,3 +240,24 @@ def test_perceptual_network_is_outside_parameters_and_state_dict():
     assert sum(p.numel() for p in m.parameters()) == sum(
         p.numel() for p in [*m.vqgan.parameters(), *m.discriminator.parameters()]
     )
+
+
+def test_local_encoder_codes_depend_only_on_their_own_patch():
+    import torch
+
+    from mmflow.models.vqgan import create_vqgan, vqgan_config
+
+    torch.manual_seed(0)
+    model, _ = create_vqgan(vqgan_config("vqgan-tiny-f4", {"local_encoder": True}))
+    model.eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    y = x.clone()
+    y[:, :, 28:, 28:] = -x[:, :, 28:, 28:]  # change the bottom-right 4x4 patch only
+    with torch.no_grad():
+        zx, zy = model.encoder(x), model.encoder(y)
+    changed = (zx - zy).abs().amax(1)[0] > 1e-6  # (8, 8) grid
+    assert changed[7, 7] and changed.sum() == 1  # that patch's z moved, no other did
+    # the convolutional encoder mixes the whole picture into every position
+    conv, _ = create_vqgan(vqgan_config("vqgan-tiny-f4"))
+    with torch.no_grad():
+        assert ((conv.encoder(x) - conv.encoder(y)).abs().amax(1)[0] > 1e-6).sum() > 1
