@@ -151,7 +151,7 @@ class PatchEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.SiLU(), nn.Conv2d(width, 2 * width, 1), nn.SiLU(), nn.Conv2d(2 * width, width, 1)
-            )  # fmt: skip
+            )
             for _ in range(cfg.num_res_blocks + 1)
         )
         self.conv_out = nn.Conv2d(width, cfg.z_channels, 1)
