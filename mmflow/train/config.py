@@ -31,6 +31,9 @@ class TrainConfig(Params):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+    beta2: float = Field(
+        0.999, gt=0, lt=1, description="AdamW's second-moment decay (transformers: 0.95)"
+    )
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
     checkpoint_every: int = Field(500, ge=0, description="steps; 0 = only at the end")

@@ -31,7 +31,9 @@ class DDPEngine:
         self.module = model.to(device)
         ids = [device] if device.type == "cuda" else None
         self.model = DistributedDataParallel(self.module, device_ids=ids) if world > 1 else model
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2)
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
@@ -93,7 +95,9 @@ class DeepSpeedEngine:
             "fp16": {"enabled": cfg.precision == "fp16"},
             "steps_per_print": 2**31 - 1,
         }
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2)
+        )
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

@@ -118,6 +118,7 @@ def test_adamw_decays_only_the_decay_group():
     shrink by lr * weight_decay, biases and norm weights stay."""
     cfg = TrainConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, max_steps=10, grad_clip=0.0)
     e = DDPEngine(Tiny().build_model(), cfg, CPU, 1)
+    assert {g["betas"] for g in e.optimizer.param_groups} == {(0.9, 0.999)}  # beta2's default
     before = {n: p.detach().clone() for n, p in e.module.named_parameters()}
     zero = sum(p.sum() for p in e.module.parameters()) * 0.0
     zero.backward()
@@ -239,6 +240,7 @@ def test_deepspeed_engine_zero2_bf16_config_accumulation_and_full_model(gloo):
         warmup_steps=4,
         max_steps=10,
         weight_decay=0.02,
+        beta2=0.95,
     )
     e = DeepSpeedEngine(Tiny().build_model(), cfg, CPU, world=1)
     ds = e.engine
@@ -248,6 +250,7 @@ def test_deepspeed_engine_zero2_bf16_config_accumulation_and_full_model(gloo):
     assert ds.bfloat16_enabled() and not ds.fp16_enabled()
     assert ds.gradient_clipping() == 0.5
     assert [g["weight_decay"] for g in ds.optimizer.param_groups] == [0.02, 0.0]
+    assert {g["betas"] for g in ds.optimizer.param_groups} == {(0.9, 0.95)}
 
     f, lrs = lr_schedule(cfg), [e.lr]
     for i in range(6):
