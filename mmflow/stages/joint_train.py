@@ -37,7 +37,7 @@ from mmflow.train.harness import absolute_tracking_uri
 JointTrainConfig = TrainConfig.with_defaults(
     "JointTrainConfig", "The harness's config, with joint_train's defaults.",
     strategy="deepspeed", max_steps=1500, batch_size=32, lr=3e-3, weight_decay=0.05,
-    warmup_steps=40, checkpoint_every=500, log_every=20, beta2=0.95,
+    warmup_steps=40, checkpoint_every=500, log_every=20,
 )  # fmt: skip
 
 
