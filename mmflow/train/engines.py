@@ -31,9 +31,7 @@ class DDPEngine:
         self.module = model.to(device)
         ids = [device] if device.type == "cuda" else None
         self.model = DistributedDataParallel(self.module, device_ids=ids) if world > 1 else model
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2)
-        )
+        self.optimizer = adamw(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
@@ -95,9 +93,7 @@ class DeepSpeedEngine:
             "fp16": {"enabled": cfg.precision == "fp16"},
             "steps_per_print": 2**31 - 1,
         }
-        optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2)
-        )
+        optimizer = adamw(model, cfg)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -173,6 +169,13 @@ def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Both engines' optimizer: AdamW over :func:`param_groups`, ``cfg``'s lr and beta2."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2)
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
