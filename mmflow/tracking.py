@@ -72,9 +72,18 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 def experiment_id(client, pipeline: str) -> str:
     """The pipeline's experiment (created if missing), tagged as MLflow's model-training kind."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(pipeline)
     if exp is None:
-        return client.create_experiment(pipeline, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        try:
+            return client.create_experiment(pipeline, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        except MlflowException:
+            # two runs of a new pipeline started together: the other one created it first
+            exp = client.get_experiment_by_name(pipeline)
+            if exp is None:
+                raise
+            return exp.experiment_id
     if EXPERIMENT_KIND not in exp.tags:  # made before mmflow tagged it; a user's choice stays
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return exp.experiment_id

@@ -177,6 +177,28 @@ def test_an_existing_experiment_is_tagged_as_model_training_unless_it_says_other
     assert url == f"http://h:1/mmflow/open?to={urllib.parse.quote(route, safe='')}"
 
 
+def test_a_run_that_loses_the_race_to_create_the_experiment_uses_the_winners(tmp_path):
+    """Two runs of a new pipeline: both look the experiment up before either creates it; the
+    second create fails in MLflow's store (a unique name) and must fall back to the first's."""
+    from mmflow.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = mlflow.MlflowClient(uri)
+    winner = experiment_id(client, "p")
+
+    class Late(mlflow.MlflowClient):  # its lookup ran before the winner's create
+        looked = False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                return None
+            return super().get_experiment_by_name(name)
+
+    assert experiment_id(Late(uri), "p") == winner
+    assert [e.name for e in client.search_experiments()].count("p") == 1
+
+
 def test_the_ui_apps_page_opens_only_experiment_routes():
     from mmflow.ui_app import STORAGE_KEY, open_page
 
