@@ -47,7 +47,7 @@ class SamplingParams(Params):
     temperature: float = Field(0.7, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
-    guidance_scale: float = Field(1.5, ge=0, description="classifier-free guidance; 1 = none")
+    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance; 1 = none")
     seed: int = 0
 
     def build(self):
@@ -67,6 +67,11 @@ class JointTrainParams(Params):
     max_text_len: int | None = Field(
         None, ge=1, description="caption tokens per sequence; default: the table's longest"
     )
+    prompt_repeats: int = Field(
+        2, ge=1, le=8, description="times a text->image prompt is written before its picture "
+        "(2: the drawing follows the prompt far sooner; left unset, fewer when the context "
+        "cannot hold them; docs/joint.md)",
+    )  # fmt: skip
     activation_checkpointing: bool = False
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of keys held out")
     val_rows: int = Field(512, ge=0, description="held-out rows for the validation NLL")
@@ -98,6 +103,15 @@ class JointTrainParams(Params):
         from mmflow.models.joint_config import joint_config
 
         return joint_config(self.arch, self.model_cfg)
+
+
+def prompt_repeats(p: JointTrainParams, max_text_len: int, image_tokens: int, context: int) -> int:
+    """``p.prompt_repeats``; left at its default, as many copies as the context holds, at
+    least one (captions of web data can be too long to write twice)."""
+    if "prompt_repeats" in p.model_fields_set:
+        return p.prompt_repeats
+    room = (context - image_tokens - 5) // max(1, max_text_len)
+    return max(1, min(p.prompt_repeats, room))
 
 
 def _table_facts(ctx: StageContext):
@@ -190,13 +204,22 @@ class JointTrain(Stage):
         with open(f"{tok_dir}/tokenizer.json", encoding="utf-8") as f:
             tokenizer_json = f.read()
         grid_h, grid_w = int(meta["grid_h"]), int(meta["grid_w"])
+        cfg = p.model_config_()
+        max_text_len = p.max_text_len or longest_text(dataset)
         vocab = JointVocab(
             text_vocab=int(meta["text_vocab_size"]),
             codebook_size=int(meta["codebook_size"]),
             image_tokens=grid_h * grid_w,
-            max_text_len=p.max_text_len or longest_text(dataset),
+            max_text_len=max_text_len,
+            prompt_repeats=prompt_repeats(p, max_text_len, grid_h * grid_w, cfg.max_seq_len),
         )
-        cfg = p.model_config_()
+        if vocab.seq_len > cfg.max_seq_len:  # before the judge and the workers start
+            raise ValueError(
+                f"{ctx.stage}: sequences of {vocab.seq_len} tokens ({vocab.image_tokens} image + "
+                f"prompt_repeats {vocab.prompt_repeats} x max_text_len {vocab.max_text_len} + 5) "
+                f"exceed {p.arch}'s max_seq_len {cfg.max_seq_len}: lower prompt_repeats or "
+                f"max_text_len, or raise model_cfg.max_seq_len"
+            )
         shards = (
             list_shards(ctx.storage, ctx.inputs["shards"].uri) if "shards" in ctx.inputs else None
         )

@@ -105,6 +105,52 @@ def test_image_to_text_layout_and_prefixes():
     assert v.t2i_prefix([3]).tolist() == v.text_to_image([3], [0] * 4).tokens[:8].tolist()
 
 
+def test_repeated_prompt_layout():
+    """prompt_repeats=2: the caption twice before the picture, the picture at one fixed place,
+    both copies text targets; the empty caption (guidance) and image->text rows written once."""
+    v = JointVocab(**{**VOCAB.to_dict(), "prompt_repeats": 2})
+    assert v.text_room == 8 and v.seq_len == 8 + 4 + 5
+    s = v.text_to_image([3, 4], [0, 1, 2, 7])
+    pads = [v.pad] * 4  # room for two copies of the longest caption
+    assert s.tokens.tolist() == [
+        v.t2i,
+        v.bot,
+        3,
+        4,
+        3,
+        4,
+        v.eot,
+        *pads,
+        v.boi,
+        10,
+        11,
+        12,
+        17,
+        v.eoi,
+    ]
+    assert s.loss_mask.tolist() == [False] + [True] * 6 + [False] * 4 + [True] * 6
+    longest = v.text_to_image([1, 2, 3, 4], [0, 1, 2, 7]).tokens
+    assert (
+        longest[2:10].tolist() == [1, 2, 3, 4] * 2
+        and longest[11:].tolist() == s.tokens[11:].tolist()
+    )
+    assert v.t2i_prefix([3, 4]).tolist() == s.tokens[:12].tolist()
+    assert v.t2i_prefix(drop_text=True).tolist() == [v.t2i, v.bot, v.eot, *[v.pad] * 8, v.boi]
+    i2t = v.image_to_text([0, 1, 2, 3], [5])
+    assert (
+        i2t.tokens.tolist()[7:] == [v.bot, 5, v.eot, *[v.pad] * 7] and len(i2t.tokens) == v.seq_len
+    )
+    with pytest.raises(ValueError, match="max_text_len 4"):
+        v.text_to_image([1] * 5, [0] * 4)  # the limit is one copy's
+    # a model folder saved before prompt_repeats existed loads as writing the prompt once
+    old = {k: x for k, x in VOCAB.to_dict().items() if k != "prompt_repeats"}
+    assert JointVocab(**old).prompt_repeats == 1 and JointVocab(**old) == VOCAB
+    with pytest.raises(ValueError, match="prompt_repeats must be a positive integer"):
+        JointVocab(**{**old, "prompt_repeats": 0})
+    with pytest.raises(ValueError, match="2 x 6 text"):  # 12 + 4 + 5 > max_seq_len 16
+        JointTransformer(CFG, JointVocab(**{**old, "max_text_len": 6, "prompt_repeats": 2}))
+
+
 def test_condition_dropout_is_the_empty_caption():
     v = VOCAB
     s = v.text_to_image([3, 4], [0, 1, 2, 3], drop_text=True)

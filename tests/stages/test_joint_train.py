@@ -61,7 +61,7 @@ joint:
   type: joint_train
   inputs: {tokens: tok.tokens, vqgan: vq, shards: synth}
   params:
-    model_cfg: {dim: 64, n_layers: 2, n_heads: 2, mlp_hidden: 128}
+    model_cfg: {dim: 64, n_layers: 2, n_heads: 2, mlp_hidden: 128, max_seq_len: 160}
     train: {max_steps: 12, batch_size: 16, warmup_steps: 2, checkpoint_every: 6, log_every: 4}
     val_rows: 32
     eval_prompts: 8
@@ -103,7 +103,7 @@ def test_joint_train_reports_held_out_figures_and_registers_the_model(trained):
     version = client.get_model_version(info["registered_model"], str(info["registered_version"]))
     assert version.run_id == row.mlflow_run_id
     run = client.get_run(row.mlflow_run_id)
-    assert run.data.params["params.sampling.guidance_scale"] == "1.5"
+    assert run.data.params["params.sampling.guidance_scale"] == "3.0"
     assert "train/tokens_per_s" in run.data.metrics
     images = [f.path for f in client.list_artifacts(row.mlflow_run_id, "images/generated")]
     assert images, "no grid of generated pictures in MLflow"
@@ -116,7 +116,8 @@ def test_the_model_draws_and_captions(trained):
     runner, _ = trained
     painter = load_painter(_row(runner).outputs["model"])
     # the stage's own sampling settings travel with the model (mmflow generate's defaults)
-    assert painter.sampling["guidance_scale"] == 1.5 and painter.sampling["temperature"] == 0.7
+    assert painter.sampling["guidance_scale"] == 3.0 and painter.sampling["temperature"] == 0.7
+    assert painter.vocab.prompt_repeats == 2  # the stage default, saved with the model
     pictures = painter.draw(["a red circle on a white background"] * 3, SamplingConfig(seed=1))
     assert pictures.shape == (3, 3, 32, 32) and pictures.dtype.is_floating_point is False
     again = painter.draw(["a red circle on a white background"] * 3, SamplingConfig(seed=1))
@@ -124,6 +125,16 @@ def test_the_model_draws_and_captions(trained):
     captions = painter.caption_codes(painter.encode_images([_pil(pictures[0])]),
                                      SamplingConfig(temperature=0))  # fmt: skip
     assert len(captions) == 1 and isinstance(captions[0], str)
+
+
+def test_prompt_repeats_default_fits_the_context_and_a_set_value_is_kept():
+    from mmflow.stages.joint_train import JointTrainParams, prompt_repeats
+
+    default = JointTrainParams()
+    assert prompt_repeats(default, 20, 64, 128) == 2  # 2 x 20 + 64 + 5 = 109 fits
+    assert prompt_repeats(default, 41, 64, 128) == 1  # 82 + 69 would not: once
+    assert prompt_repeats(default, 80, 64, 128) == 1  # not even once: the stage's error says so
+    assert prompt_repeats(JointTrainParams(prompt_repeats=3), 41, 64, 128) == 3  # asked: kept
 
 
 def _pil(picture):
