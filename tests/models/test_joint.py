@@ -112,22 +112,8 @@ def test_repeated_prompt_layout():
     assert v.text_room == 8 and v.seq_len == 8 + 4 + 5
     s = v.text_to_image([3, 4], [0, 1, 2, 7])
     pads = [v.pad] * 4  # room for two copies of the longest caption
-    assert s.tokens.tolist() == [
-        v.t2i,
-        v.bot,
-        3,
-        4,
-        3,
-        4,
-        v.eot,
-        *pads,
-        v.boi,
-        10,
-        11,
-        12,
-        17,
-        v.eoi,
-    ]
+    picture = [v.boi, 10, 11, 12, 17, v.eoi]
+    assert s.tokens.tolist() == [v.t2i, v.bot, 3, 4, 3, 4, v.eot, *pads, *picture]
     assert s.loss_mask.tolist() == [False] + [True] * 6 + [False] * 4 + [True] * 6
     longest = v.text_to_image([1, 2, 3, 4], [0, 1, 2, 7]).tokens
     assert (
