@@ -233,18 +233,24 @@ class JointVocab:
         }
 
 
+def check_fits(cfg: JointConfig, vocab: JointVocab, where: str = "", hint: str = "") -> None:
+    """Raise if ``vocab``'s sequences are longer than ``cfg``'s context; ``where`` prefixes the
+    message (a stage's name), ``hint`` ends it (what its caller can change)."""
+    if vocab.seq_len > cfg.max_seq_len:
+        raise ValueError(
+            f"{where}sequences of {vocab.seq_len} tokens ({vocab.image_tokens} image + "
+            f"prompt_repeats {vocab.prompt_repeats} x max_text_len {vocab.max_text_len} text + "
+            f"5 special) exceed max_seq_len {cfg.max_seq_len}{hint}"
+        )
+
+
 # --- the model ----------------------------------------------------------------------------------
 
 
 class JointTransformer(nn.Module):
     def __init__(self, cfg: JointConfig, vocab: JointVocab):
         super().__init__()
-        if vocab.seq_len > cfg.max_seq_len:
-            raise ValueError(
-                f"sequences of {vocab.seq_len} tokens ({vocab.image_tokens} image + "
-                f"{vocab.prompt_repeats} x {vocab.max_text_len} text + 5 special) exceed "
-                f"max_seq_len {cfg.max_seq_len}"
-            )
+        check_fits(cfg, vocab)
         self.cfg, self.vocab = cfg, vocab
         self.tok_emb = nn.Embedding(vocab.size, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)

@@ -20,7 +20,8 @@ Output ``model``: a folder :func:`mmflow.generate.joint.load_painter` reads (saf
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
@@ -32,6 +33,9 @@ from mmflow.stage import Resources, Stage, StageContext, register
 from mmflow.tasks.evaluation import stage_metrics
 from mmflow.train import TrainConfig, fit
 from mmflow.train.harness import absolute_tracking_uri
+
+if TYPE_CHECKING:
+    from mmflow.models.joint import JointVocab
 
 # DeepSpeed by default, sized for the quickstart on two CPUs
 JointTrainConfig = TrainConfig.with_defaults(
@@ -105,13 +109,15 @@ class JointTrainParams(Params):
         return joint_config(self.arch, self.model_cfg)
 
 
-def prompt_repeats(p: JointTrainParams, max_text_len: int, image_tokens: int, context: int) -> int:
-    """``p.prompt_repeats``; left at its default, as many copies as the context holds, at
-    least one (captions of web data can be too long to write twice)."""
+def fitting_vocab(p: JointTrainParams, vocab: JointVocab, context: int) -> JointVocab:
+    """``vocab`` writing prompts ``p.prompt_repeats`` times; left at its default, as many
+    times as ``context`` holds, at least once (web captions can be too long to write twice)."""
     if "prompt_repeats" in p.model_fields_set:
-        return p.prompt_repeats
-    room = (context - image_tokens - 5) // max(1, max_text_len)
-    return max(1, min(p.prompt_repeats, room))
+        return replace(vocab, prompt_repeats=p.prompt_repeats)
+    for repeats in range(p.prompt_repeats, 1, -1):
+        if replace(vocab, prompt_repeats=repeats).seq_len <= context:
+            return replace(vocab, prompt_repeats=repeats)
+    return replace(vocab, prompt_repeats=1)
 
 
 def _table_facts(ctx: StageContext):
@@ -193,7 +199,7 @@ class JointTrain(Stage):
         import ray
 
         from mmflow.io.cache import materialize
-        from mmflow.models.joint import JointVocab
+        from mmflow.models.joint import JointVocab, check_fits
         from mmflow.tasks.joint import JointTask
         from mmflow.tasks.joint_eval import build_eval_set
 
@@ -205,21 +211,20 @@ class JointTrain(Stage):
             tokenizer_json = f.read()
         grid_h, grid_w = int(meta["grid_h"]), int(meta["grid_w"])
         cfg = p.model_config_()
-        max_text_len = p.max_text_len or longest_text(dataset)
         vocab = JointVocab(
             text_vocab=int(meta["text_vocab_size"]),
             codebook_size=int(meta["codebook_size"]),
             image_tokens=grid_h * grid_w,
-            max_text_len=max_text_len,
-            prompt_repeats=prompt_repeats(p, max_text_len, grid_h * grid_w, cfg.max_seq_len),
+            max_text_len=p.max_text_len or longest_text(dataset),
         )
-        if vocab.seq_len > cfg.max_seq_len:  # before the judge and the workers start
-            raise ValueError(
-                f"{ctx.stage}: sequences of {vocab.seq_len} tokens ({vocab.image_tokens} image + "
-                f"prompt_repeats {vocab.prompt_repeats} x max_text_len {vocab.max_text_len} + 5) "
-                f"exceed {p.arch}'s max_seq_len {cfg.max_seq_len}: lower prompt_repeats or "
-                f"max_text_len, or raise model_cfg.max_seq_len"
-            )
+        vocab = fitting_vocab(p, vocab, cfg.max_seq_len)
+        check_fits(
+            cfg,
+            vocab,
+            where=f"{ctx.stage}: ",
+            hint=f" ({p.arch}): lower prompt_repeats "
+            "or max_text_len, or raise model_cfg.max_seq_len",
+        )  # before any work starts
         shards = (
             list_shards(ctx.storage, ctx.inputs["shards"].uri) if "shards" in ctx.inputs else None
         )

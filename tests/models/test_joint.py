@@ -133,7 +133,9 @@ def test_repeated_prompt_layout():
     assert JointVocab(**old).prompt_repeats == 1 and JointVocab(**old) == VOCAB
     with pytest.raises(ValueError, match="prompt_repeats must be a positive integer"):
         JointVocab(**{**old, "prompt_repeats": 0})
-    with pytest.raises(ValueError, match="2 x 6 text"):  # 12 + 4 + 5 > max_seq_len 16
+    with pytest.raises(
+        ValueError, match="prompt_repeats 2 x max_text_len 6 text"
+    ):  # 12 + 4 + 5 > max_seq_len 16
         JointTransformer(CFG, JointVocab(**{**old, "max_text_len": 6, "prompt_repeats": 2}))
 
 

@@ -128,13 +128,34 @@ def test_the_model_draws_and_captions(trained):
 
 
 def test_prompt_repeats_default_fits_the_context_and_a_set_value_is_kept():
-    from mmflow.stages.joint_train import JointTrainParams, prompt_repeats
+    from mmflow.models.joint import JointVocab
+    from mmflow.stages.joint_train import JointTrainParams, fitting_vocab
+
+    def repeats(p, max_text_len, context=128):
+        vocab = JointVocab(text_vocab=300, codebook_size=64, image_tokens=64,
+                           max_text_len=max_text_len)  # fmt: skip
+        return fitting_vocab(p, vocab, context).prompt_repeats
 
     default = JointTrainParams()
-    assert prompt_repeats(default, 20, 64, 128) == 2  # 2 x 20 + 64 + 5 = 109 fits
-    assert prompt_repeats(default, 41, 64, 128) == 1  # 82 + 69 would not: once
-    assert prompt_repeats(default, 80, 64, 128) == 1  # not even once: the stage's error says so
-    assert prompt_repeats(JointTrainParams(prompt_repeats=3), 41, 64, 128) == 3  # asked: kept
+    assert repeats(default, 20) == 2  # 2 x 20 + 64 + 5 = 109 fits
+    assert repeats(default, 41) == 1  # 82 + 69 would not: once
+    assert repeats(default, 80) == 1  # not even once: the stage's error says so
+    assert repeats(JointTrainParams(prompt_repeats=3), 41) == 3  # asked: kept
+
+
+def test_a_layout_longer_than_the_context_stops_the_stage_before_any_work(trained):
+    from mmflow.runner import StageFailed
+
+    runner, path = trained
+    changed = Runner(load_pipeline(path, ["joint.params.prompt_repeats=8"]))
+    with pytest.raises(
+        StageFailed,
+        match=r"joint: sequences of \d+ tokens .*prompt_repeats 8 x "
+        r"max_text_len \d+ text .* exceed max_seq_len 160 .*lower prompt_repeats",
+    ):
+        changed.run()
+    row = _row(changed)
+    assert row.state != "done" and not row.metrics  # not even the judge ran
 
 
 def _pil(picture):
