@@ -114,10 +114,10 @@ def fitting_vocab(p: JointTrainParams, vocab: JointVocab, context: int) -> Joint
     times as ``context`` holds, at least once (web captions can be too long to write twice)."""
     if "prompt_repeats" in p.model_fields_set:
         return replace(vocab, prompt_repeats=p.prompt_repeats)
-    for repeats in range(p.prompt_repeats, 1, -1):
-        if replace(vocab, prompt_repeats=repeats).seq_len <= context:
-            return replace(vocab, prompt_repeats=repeats)
-    return replace(vocab, prompt_repeats=1)
+    for repeats in range(p.prompt_repeats, 0, -1):
+        fitted = replace(vocab, prompt_repeats=repeats)
+        if fitted.seq_len <= context or repeats == 1:
+            return fitted
 
 
 def _table_facts(ctx: StageContext):
@@ -224,7 +224,7 @@ class JointTrain(Stage):
             where=f"{ctx.stage}: ",
             hint=f" ({p.arch}): lower prompt_repeats "
             "or max_text_len, or raise model_cfg.max_seq_len",
-        )  # before any work starts
+        )  # before the judge trains and the workers start
         shards = (
             list_shards(ctx.storage, ctx.inputs["shards"].uri) if "shards" in ctx.inputs else None
         )
