@@ -3,7 +3,9 @@
 Inputs: the ``pretokenize`` token table (its metadata gives the codebook, the grid and the
 caption tokenizer), optionally the VQ-GAN that made it (else the table's metadata names
 it), and optionally the shards the table was made from, whose ``synth_shapes`` ground truth
-makes the judged figures possible. The table streams through Ray Data to the workers, held-out
+makes the judged figures possible, and optionally a CLIP (``clip``: e.g. ``clip_train``'s model,
+or one named in ``params.clip``) that scores the drawn pictures against their prompts. The
+table streams through Ray Data to the workers, held-out
 keys filtered out; the task (:mod:`mmflow.tasks.joint`) builds text->image sequences and, for
 ``i2t_share`` of them, image->text ones, and drops ``cond_dropout`` of the captions for
 classifier-free guidance. The harness runs it: DeepSpeed (ZeRO stage, precision, gradient
@@ -12,7 +14,10 @@ the final model is gathered into one plain state dict.
 
 Held-out figures (``mmflow status``): ``val_text_nll``, ``val_image_nll``; with ground
 truth ``t2i_color_match``, ``t2i_shape_match``, ``t2i_match`` (guided) and their
-``_noguide`` twins, ``i2t_match``, and the judge's own ``judge_acc`` on real pictures.
+``_noguide`` twins, ``i2t_match``, and the judge's own ``judge_acc`` on real pictures; with a
+CLIP ``t2i_clip_score`` (and ``_noguide``) beside ``real_clip_score``, the real pictures' score
+against the same prompts. Without ground truth the prompts are held-out captions and the CLIP
+scores are the drawing's only figures.
 
 Output ``model``: a folder :func:`mmflow.generate.joint.load_painter` reads (safetensors,
 ``joint.json``, the caption tokenizer); also logged and registered in MLflow.
@@ -28,6 +33,7 @@ from pydantic import Field, model_validator
 from mmflow.data.shards import list_shards
 from mmflow.data.token_table import dataset_of, longest_text, open_table
 from mmflow.export.mlflow import publish_model
+from mmflow.models.clip import ClipSpec
 from mmflow.params import Params
 from mmflow.stage import Resources, Stage, StageContext, register
 from mmflow.tasks.evaluation import stage_metrics
@@ -94,6 +100,10 @@ class JointTrainParams(Params):
         description="guidance scales also tried at eval: t2i_match_best, t2i_best_guidance",
     )
     preview: int = Field(16, ge=0, description="drawn pictures in the logged grid")
+    clip: ClipSpec = Field(
+        default_factory=ClipSpec,
+        description="CLIP scoring the drawn pictures when no `clip` input is wired",
+    )
     registered_model_name: str | None = Field(
         None, description="MLflow registry name; default '{pipeline}-{stage}'; '' = none"
     )
@@ -107,6 +117,15 @@ class JointTrainParams(Params):
         from mmflow.models.joint_config import joint_config
 
         return joint_config(self.arch, self.model_cfg)
+
+
+def _clip_plan(ctx: StageContext, p: JointTrainParams) -> dict[str, Any] | None:
+    """Where rank 0 loads the scoring CLIP from: the wired ``clip`` input or ``params.clip``
+    (never both: ``check_wiring`` refuses that when the pipeline loads); None for none."""
+    wired = ctx.inputs.get("clip")
+    if wired is not None:
+        return {"uri": wired.uri, "run_id": wired.manifest.get("mlflow_run_id"), "spec": None}
+    return {"uri": None, "run_id": None, "spec": p.clip.model_dump()} if p.clip.is_set else None
 
 
 def fitting_vocab(p: JointTrainParams, vocab: JointVocab, context: int) -> JointVocab:
@@ -189,11 +208,18 @@ class JointTrain(Stage):
     version = "1"
     description = "Train one decoder over caption and image tokens (DeepSpeed), both directions."
     Params = JointTrainParams
-    inputs = {"tokens": "table", "vqgan": "model", "shards": "shards"}
-    optional_inputs = frozenset({"vqgan", "shards"})  # else the table's VQ-GAN; no judge
+    inputs = {"tokens": "table", "vqgan": "model", "shards": "shards", "clip": "model"}
+    # else the table's VQ-GAN; no judge; no CLIP score (unless params.clip names one)
+    optional_inputs = frozenset({"vqgan", "shards", "clip"})
     outputs = {"model": "model"}
     resources = Resources(cpus=2, workers=1)
     resumable = True  # a rerun resumes from the newest complete checkpoint in _work
+
+    @classmethod
+    def check_wiring(cls, params: JointTrainParams, wired: set[str]) -> list[tuple[str, str]]:
+        if "clip" in wired and params.clip.is_set:
+            return [("params.clip", "the CLIP is also wired as input `clip`; keep one")]
+        return []
 
     def run(self, ctx: StageContext) -> None:
         import ray
@@ -225,6 +251,7 @@ class JointTrain(Stage):
             hint=f" ({p.arch}): lower prompt_repeats "
             "or max_text_len, or raise model_cfg.max_seq_len",
         )  # before the judge trains and the workers start
+        clip = _clip_plan(ctx, p)
         shards = (
             list_shards(ctx.storage, ctx.inputs["shards"].uri) if "shards" in ctx.inputs else None
         )
@@ -258,6 +285,7 @@ class JointTrain(Stage):
             tracking_uri=absolute_tracking_uri(ctx.tracking_uri), run_id=ctx.run_id,
             replay_rows=_share_fits(dataset.count_rows(), ctx.resources.workers, vocab.seq_len,
                                     p.cache_mb),
+            clip=clip,
         )  # fmt: skip
         datasets = {"train": training_rows(files, p.holdout_fraction)}
         final = fit(task, p.train, ctx, model_output="model", datasets=datasets)
@@ -275,6 +303,7 @@ class JointTrain(Stage):
             load="mmflow.generate.joint.load_painter('<this folder>')", **registered,
         )  # fmt: skip
         shown = ("t2i_color_match", "t2i_match", "t2i_match_noguide", "t2i_match_best",
-                 "t2i_best_guidance", "i2t_match", "judge_acc")  # fmt: skip
+                 "t2i_best_guidance", "i2t_match", "judge_acc", "t2i_clip_score",
+                 "real_clip_score")  # fmt: skip
         summary = ", ".join(f"{k}={ctx.metrics[k]:.3f}" for k in shown if k in ctx.metrics)
         print(f"[{ctx.stage}] trained {int(final.get('step', 0))} steps; {summary}", flush=True)

@@ -10,8 +10,10 @@ model). Loss: the two streams' mean NLLs, weighted (:func:`mmflow.models.joint.j
 Eval (rank 0), on keys held out of every training stage (:class:`JointEvalSet`, prepared by
 the stage): per-stream validation NLL; pictures drawn from held-out single-object prompts,
 with guidance and without, judged by an attribute classifier trained on the real pictures'
-ground truth; captions written for held-out pictures, checked against their scenes; and a
-grid of drawn pictures with their prompts in the stage's MLflow run.
+ground truth; with a CLIP, the CLIP score of the drawn pictures against their prompts beside
+that of the real pictures (the one drawing figure where there is no ground truth); captions
+written for held-out pictures, checked against their scenes; and a grid of drawn pictures with
+their prompts in the stage's MLflow run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class JointTask(TrainTask):
         tracking_uri: str = "",
         run_id: str | None = None,
         replay_rows: bool = False,
+        clip: dict[str, Any] | None = None,
     ):
         self.cfg, self.vocab, self.train = cfg, vocab, train
         self.i2t_share, self.cond_dropout, self.loss_weights = i2t_share, cond_dropout, loss_weights
@@ -66,8 +69,9 @@ class JointTask(TrainTask):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.guidance_sweep = tuple(guidance_sweep)
         self.replay_rows = replay_rows
+        self.clip = clip  # {"uri", "run_id", "spec"}: where rank 0 loads the scoring CLIP from
         self.tokens_per_sample = vocab.seq_len  # the harness reports tokens/s
-        self._painter = self._judge = None
+        self._painter = self._judge = self._clip = self._real_clip_score = None
         self._step = 0
 
     # --- model --------------------------------------------------------------------------------
@@ -151,6 +155,7 @@ class JointTask(TrainTask):
             plain = painter.draw_ids(es.prompt_ids, replace(self.sampling, guidance_scale=1.0))
             out.update(self._judged(guided, ""))
             out.update(self._judged(plain, "_noguide"))
+            out.update(self._clip_scored(guided, plain))
             out.update(self._guidance_sweep(painter))
             self._log_grid(guided[: self.preview], es.prompts[: self.preview])
         if es.caption_codes:
@@ -176,6 +181,32 @@ class JointTask(TrainTask):
             if match > best:
                 best_scale, best = scale, match
         return {"t2i_match_best": best, "t2i_best_guidance": best_scale}
+
+    def _clip_scored(self, guided, plain) -> dict[str, float]:
+        """Mean CLIP score of the pictures drawn with guidance and without against their
+        prompts, and of the real pictures the prompts describe (once: it does not change)."""
+        if self.clip is None:
+            return {}
+        from mmflow.eval.clip_score import clip_scores
+
+        if self._clip is None:
+            from mmflow.models.clip import ClipSpec, load_clip, resolve
+
+            spec = ClipSpec(**self.clip["spec"]) if self.clip.get("spec") else None
+            source = resolve(spec, self.clip.get("uri"), self.clip.get("run_id"))
+            device = next(self._painter.model.parameters()).device
+            self._clip = load_clip(source, device=str(device))
+        prompts = self.eval_set.prompts
+        out = {
+            "t2i_clip_score": float(clip_scores(self._clip, guided, prompts).mean()),
+            "t2i_clip_score_noguide": float(clip_scores(self._clip, plain, prompts).mean()),
+        }
+        real = self.eval_set.prompt_pictures
+        if real is not None and self._real_clip_score is None:
+            self._real_clip_score = float(clip_scores(self._clip, real, prompts).mean())
+        if self._real_clip_score is not None:
+            out["real_clip_score"] = self._real_clip_score
+        return out
 
     def _val_nll(self, model) -> dict[str, float]:
         """Mean text NLL of held-out captions given their pictures (image->text) and image NLL of

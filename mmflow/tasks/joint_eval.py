@@ -5,7 +5,9 @@ held out at the same fraction) give: held-out token rows for the validation NLL,
 the shards carry ``synth_shapes`` ground truth, single-object prompts built from held-out
 scenes (with the judge's label ids), held-out pictures' codes with their scenes for
 captioning, and an attribute judge trained on the training keys' real single-object pictures
-and scored on the held-out ones (``judge_acc``). Without ground truth only the NLLs remain.
+and scored on the held-out ones (``judge_acc``). Without ground truth (web captions) the
+held-out captions are the prompts: the pictures drawn from them are shown and, with a CLIP,
+scored against them beside their own real pictures; only the judged figures are missing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class JointEvalSet:
     prompts: list[str] = field(default_factory=list)  # single-object, built from scenes
     prompt_ids: list[list[int]] = field(default_factory=list)
     prompt_truth: dict[str, Any] = field(default_factory=dict)  # judge label ids (tensors)
+    prompt_pictures: Any = None  # uint8 (N, 3, S, S): the real pictures the prompts describe
     caption_codes: list[list[int]] = field(default_factory=list)  # held-out pictures' codes
     caption_scenes: list[dict[str, Any]] = field(default_factory=list)
     judge_state: bytes | None = None  # AttributeJudge.save bytes; None: no ground truth
@@ -45,9 +48,12 @@ def read_table(files: list[str]) -> dict[str, list]:
     return cols
 
 
-def scenes_and_pictures(shards: list[str], keys: set[str] | None, limit: int, image_size: int):
+def scenes_and_pictures(
+    shards: list[str], keys: set[str] | None, limit: int, image_size: int, need_scene: bool = True
+):
     """{key: (scene, uint8 (3, S, S) picture)} of ``synth_shapes`` samples: those in ``keys``
-    (all when None), up to ``limit``; samples without a scene or a readable picture are left out."""
+    (all when None), up to ``limit``; samples without a readable picture are left out, and
+    so are those without a scene unless ``need_scene`` is False (their scene is then None)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -60,7 +66,9 @@ def scenes_and_pictures(shards: list[str], keys: set[str] | None, limit: int, im
         for s in iter_shard(storage, uri):
             if len(out) >= limit:
                 return out
-            if s.error or (keys is not None and s.key not in keys) or "synth" not in s.meta:
+            if s.error or (keys is not None and s.key not in keys):
+                continue
+            if need_scene and "synth" not in s.meta:
                 continue
             try:
                 with Image.open(io.BytesIO(s.image)) as img:
@@ -68,7 +76,7 @@ def scenes_and_pictures(shards: list[str], keys: set[str] | None, limit: int, im
             except Exception:  # counted by the stages that own the shards; here left out
                 continue
             pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-            out[s.key] = (s.meta["synth"], pixels)
+            out[s.key] = (s.meta.get("synth"), pixels)
     return out
 
 
@@ -103,11 +111,17 @@ def build_eval_set(
         val_texts=[table["text_ids"][i] for i in rows[:val_rows]],
         val_images=[table["image_tokens"][i] for i in rows[:val_rows]],
     )
-    if not shards:
-        return es, {}, seen
+    tok = Tokenizer.from_str(tokenizer_json)
     held_keys = {table["key"][i] for i in rows}
-    truth = scenes_and_pictures(shards, held_keys, len(held_keys), image_size)
-    if not truth:
+    truth = scenes_and_pictures(shards, held_keys, len(held_keys), image_size) if shards else {}
+    if not truth:  # no ground truth: the held-out captions are the prompts
+        picked = rows[:prompts]
+        es.prompt_ids = [table["text_ids"][i] for i in picked]
+        es.prompts = [tok.decode(ids).strip() for ids in es.prompt_ids]
+        keys = [table["key"][i] for i in picked]
+        real = scenes_and_pictures(shards or [], set(keys), len(keys), image_size, False)
+        if keys and all(k in real for k in keys):
+            es.prompt_pictures = torch.stack([real[k][1] for k in keys])
         return es, {}, seen
     codes = {table["key"][i]: table["image_tokens"][i] for i in rows}
     captioned = [k for k in codes if k in truth][:captions]
@@ -129,9 +143,9 @@ def build_eval_set(
     held_pics = torch.stack([truth[k][1] for k in single])
     metrics = accuracy(judge, held_pics, scene_labels([truth[k][0] for k in single]))
     metrics["judge_train_s"] = float(getattr(judge, "train_seconds", 0.0))
-    tok = Tokenizer.from_str(tokenizer_json)
     picked = single[:prompts]
     es.prompts = [single_object_prompt(truth[k][0]) for k in picked]
+    es.prompt_pictures = torch.stack([truth[k][1] for k in picked])
     es.prompt_ids = [e.ids for e in tok.encode_batch(es.prompts, add_special_tokens=False)]
     es.prompt_truth = scene_labels([truth[k][0] for k in picked])
     buf = io.BytesIO()

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,32 +20,15 @@ from PIL import Image
 
 from mmflow.config import load_pipeline
 from mmflow.data.shards import ShardWriter, read_index, sample_key
-from mmflow.models.clip import ClipSource, load_clip, save_clip
+from mmflow.models.clip import ClipSource, load_clip
 from mmflow.runner import Runner
 from mmflow.stage import Resources, Stage, StageContext
 from mmflow.stages.synth_shapes import EXTRA_COLUMNS, SynthShapesParams, make_sample
 from tests.conftest import run_pipeline
 
-# --- test-only stages: a random CLIP, and shards with every kind of defect ---------------------------
+# --- a test-only stage: shards with every kind of defect (the random CLIP: tests/random_models.py)
 
 ARCH = "mmflow-clip-tiny"
-
-
-class RandomClip(Stage):
-    type = "test_random_clip"
-    outputs = {"model": "model"}
-    resources = Resources(workers=0)
-
-    def run(self, ctx: StageContext) -> None:
-        import open_clip
-
-        from mmflow.models.clip import model_config
-
-        cfg = model_config(ARCH)
-        torch.manual_seed(0)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_clip(open_clip.create_model(ARCH), ARCH, cfg, tmp, source="test")
-            ctx.storage.upload_dir(tmp, ctx.outputs["model"])
 
 
 GOOD = 40  # good samples per shard
@@ -107,7 +89,7 @@ PIPELINE = """
 bad:
   type: tests.stages.test_clip_filter:BadShards
 model:
-  type: tests.stages.test_clip_filter:RandomClip
+  type: tests.random_models:RandomClip
 filter:
   type: clip_filter
   inputs: {shards: bad, model: model}

@@ -53,13 +53,15 @@ synth:
   params: {num_samples: 480, samples_per_shard: 240, image_size: 32, mismatch_fraction: 0.0}
 vq:
   type: tests.stages.test_joint_train:RandomVqgan
+clip:
+  type: tests.random_models:RandomClip
 tok:
   type: pretokenize
   inputs: {shards: synth, model: vq}
   params: {vocab_size: 300, preview: 0}
 joint:
   type: joint_train
-  inputs: {tokens: tok.tokens, vqgan: vq, shards: synth}
+  inputs: {tokens: tok.tokens, vqgan: vq, shards: synth, clip: clip}
   params:
     model_cfg: {dim: 64, n_layers: 2, n_heads: 2, mlp_hidden: 128, max_seq_len: 160}
     train: {max_steps: 12, batch_size: 16, warmup_steps: 2, checkpoint_every: 6, log_every: 4}
@@ -92,8 +94,11 @@ def test_joint_train_reports_held_out_figures_and_registers_the_model(trained):
     assert row.state == "done"
     for k in ("val_text_nll", "val_image_nll", "t2i_color_match", "t2i_shape_match",
               "t2i_match", "t2i_match_noguide", "i2t_match", "judge_acc", "t2i_match_best",
-              "t2i_best_guidance"):  # fmt: skip
+              "t2i_best_guidance", "t2i_clip_score", "t2i_clip_score_noguide",
+              "real_clip_score"):  # fmt: skip
         assert k in row.metrics, k
+    for k in ("t2i_clip_score", "t2i_clip_score_noguide", "real_clip_score"):
+        assert -1 <= row.metrics[k] <= 1, (k, row.metrics[k])  # cosines
     assert 0 < row.metrics["val_image_nll"] < 10 and 0 <= row.metrics["t2i_match"] <= 1
     assert row.metrics["judge_acc_color"] > 0.5  # 100 steps on 200 pictures: far above chance (1/6)
     man = json.load(open(os.path.join(row.output, "_MANIFEST.json")))
@@ -158,6 +163,70 @@ def test_a_layout_longer_than_the_context_stops_the_stage_before_any_work(traine
     assert row.state != "done" and not row.metrics  # not even the judge ran
 
 
+def test_a_clip_both_wired_and_named_stops_at_load(trained, tmp_path):
+    from mmflow.config import ConfigError
+
+    _, path = trained
+    with pytest.raises(ConfigError, match=r"joint.*params\.clip.*also wired as input `clip`"):
+        load_pipeline(path, ["joint.params.clip.arch=mmflow-clip-tiny"])
+
+
+def _without_ground_truth(shard: str, out: str) -> None:
+    """A copy of a synth shard whose json lost its ``synth`` scene, as web data has none."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as src, tarfile.open(out, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name.endswith(".json"):
+                meta = json.loads(data)
+                meta.pop("synth")
+                data = json.dumps(meta).encode()
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+
+
+def test_without_ground_truth_the_held_out_captions_are_the_prompts(trained, tmp_path):
+    from mmflow.data.holdout import is_held_out
+    from mmflow.data.shards import list_shards
+    from mmflow.data.token_table import table_files
+    from mmflow.storage import Storage
+    from mmflow.tasks.joint_eval import build_eval_set, read_table
+
+    runner, _ = trained
+    tok = _row(runner, "tok").outputs
+    files = table_files(tok["tokens"])
+    tokenizer_json = open(os.path.join(tok["text_tokenizer"], "tokenizer.json")).read()
+    web = []
+    for i, uri in enumerate(list_shards(Storage(), _row(runner, "synth").outputs["shards"])):
+        web.append(str(tmp_path / f"{i:05d}.tar"))
+        _without_ground_truth(uri.removeprefix("file://"), web[-1])
+    kw = dict(holdout_fraction=0.1, max_text_len=64, image_size=32, val_rows=8, prompts=6,
+              captions=6, judge_steps=1, judge_train_images=10, threads=1)  # fmt: skip
+    es, judge, _ = build_eval_set(files, web, tokenizer_json, **kw)
+    table = read_table(files)
+    held = [t for k, t in zip(table["key"], table["text_ids"], strict=True) if is_held_out(k, 0.1)]
+    assert judge == {} and es.judge_state is None and not es.caption_codes
+    assert es.prompt_ids == held[:6] and len(es.prompts) == 6
+    captions = {m.decode() for m in _members(web, ".txt")}
+    assert set(es.prompts) <= captions  # decoded back to the shards' own captions
+    assert es.prompt_pictures.shape == (6, 3, 32, 32)
+    # no shards: the prompts still, but no real pictures to score beside the drawn ones
+    es, _, _ = build_eval_set(files, None, tokenizer_json, **kw)
+    assert es.prompt_ids == held[:6] and es.prompt_pictures is None
+
+
+def _members(tars: list[str], suffix: str) -> list[bytes]:
+    import tarfile
+
+    out = []
+    for path in tars:
+        with tarfile.open(path) as t:
+            out += [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(suffix)]
+    return out
+
+
 def _pil(picture):
     from PIL import Image
 
@@ -192,7 +261,7 @@ def test_zero3_rerun_touches_only_joint_and_exports_a_plain_model(trained):
         n for n in changed.fingerprints if changed.fingerprints[n] != runner.fingerprints[n]
     ] == ["joint"]
     report = changed.run()
-    assert report.executed == ["joint"] and report.cached == ["synth", "vq", "tok"]
+    assert report.executed == ["joint"] and report.cached == ["synth", "vq", "clip", "tok"]
     painter = load_painter(_row(changed).outputs["model"])
     assert painter.draw(["a green diamond"], SamplingConfig()).shape == (1, 3, 32, 32)
 

@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 
 from mmflow.config import load_pipeline
 from mmflow.runner import Runner
-from mmflow.stage import Stage, StageContext
 from mmflow.storage import Storage
 from tests.conftest import pipeline_yaml
 from tests.faults import killed_once, two_worker_context
@@ -28,37 +27,12 @@ from tests.faults import killed_once, two_worker_context
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-class RandomClip(Stage):
-    """An untrained ``mmflow-clip-tiny``, saved as clip_train saves it (``save_clip``): the
-    folder llava_align converts is the same, and one Ray Train start (~55 s here) is saved;
-    clip_train itself is tested in tests/stages/test_clip_train.py."""
-
-    type = "test_llava_random_clip"
-    outputs = {"model": "model"}
-
-    def run(self, ctx: StageContext) -> None:
-        import tempfile
-
-        import open_clip
-        import torch
-
-        from mmflow.models.clip import model_config, save_clip
-
-        arch = "mmflow-clip-tiny"
-        cfg = model_config(arch)  # registers mmflow's configs with open_clip
-        torch.manual_seed(0)
-        model = open_clip.create_model(arch)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_clip(model, arch, cfg, tmp, source="clip_train")
-            ctx.storage.upload_dir(tmp, ctx.outputs["model"])
-
-
 STAGES = """
 synth:
   type: synth_shapes
   params: {num_samples: 384, samples_per_shard: 128, image_size: 32, mismatch_fraction: 0.2, image_format: png}
 clip:
-  type: tests.stages.test_llava_stages:RandomClip
+  type: tests.random_models:RandomClip
 instructions:
   type: synth_instructions
   inputs: {shards: synth}
