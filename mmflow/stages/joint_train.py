@@ -26,9 +26,9 @@ Output ``model``: a folder :func:`mmflow.generate.joint.load_painter` reads (saf
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmflow.data.shards import list_shards
 from mmflow.data.token_table import dataset_of, longest_text, open_table
@@ -57,13 +57,35 @@ class SamplingParams(Params):
     temperature: float = Field(0.7, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
-    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance; 1 = none")
+    guidance_scale: float | Literal["auto"] = Field(
+        3.0, description="classifier-free guidance; 1 = none; 'auto': at each evaluation the "
+        "best of guidance_sweep on draws of their own (another seed), saved with the model",
+    )  # fmt: skip
     seed: int = 0
 
+    @field_validator("guidance_scale")
+    @classmethod
+    def _scale(cls, v: float | str) -> float | str:
+        if v != "auto" and v < 0:
+            raise ValueError(f"must be >= 0 or 'auto', got {v}")
+        return v
+
+    @property
+    def auto(self) -> bool:
+        return self.guidance_scale == "auto"
+
+    def saved(self) -> dict[str, Any]:
+        """The settings as saved with the model (``auto``: each evaluation writes its choice)."""
+        return {**self.model_dump(), "guidance_scale": self.build().guidance_scale}
+
     def build(self):
+        """The settings as a SamplingConfig; with ``auto`` guidance 1 until an evaluation
+        chooses (nothing is drawn before one)."""
         from mmflow.generate.sampling import SamplingConfig
 
-        return SamplingConfig(**self.model_dump())
+        return SamplingConfig(
+            **{**self.model_dump(), **({"guidance_scale": 1.0} if self.auto else {})}
+        )
 
 
 class JointTrainParams(Params):
@@ -111,6 +133,12 @@ class JointTrainParams(Params):
     @model_validator(mode="after")
     def _check(self) -> JointTrainParams:
         self.model_config_()  # an unknown architecture or field fails at load
+        if self.sampling.auto and not (self.guidance_sweep and self.eval_prompts):
+            raise ValueError(
+                "sampling.guidance_scale: auto picks a scale from guidance_sweep on eval_prompts "
+                f"drawn prompts; got guidance_sweep={self.guidance_sweep}, "
+                f"eval_prompts={self.eval_prompts}"
+            )
         return self
 
     def model_config_(self):
@@ -217,9 +245,14 @@ class JointTrain(Stage):
 
     @classmethod
     def check_wiring(cls, params: JointTrainParams, wired: set[str]) -> list[tuple[str, str]]:
+        errors = []
         if "clip" in wired and params.clip.is_set:
-            return [("params.clip", "the CLIP is also wired as input `clip`; keep one")]
-        return []
+            errors.append(("params.clip", "the CLIP is also wired as input `clip`; keep one"))
+        if params.sampling.auto and not ({"shards", "clip"} & wired or params.clip.is_set):
+            errors.append(("params.sampling.guidance_scale", "auto needs a judge of the drawn "
+                           "pictures: the `shards` input (synth_shapes ground truth) or a CLIP "
+                           "(the `clip` input or params.clip)"))  # fmt: skip
+        return errors
 
     def run(self, ctx: StageContext) -> None:
         import ray
@@ -267,6 +300,12 @@ class JointTrain(Stage):
         )  # fmt: skip
         if judge:
             ctx.log_metrics(judge)
+        if p.sampling.auto and not judge and clip is None:
+            raise ValueError(
+                f"{ctx.stage}: sampling.guidance_scale: auto needs a judge of the drawn pictures, "
+                "and the shards carry no synth_shapes ground truth: wire a CLIP (the `clip` "
+                "input or params.clip) or set a scale"
+            )  # before the workers start
         print(f"[{ctx.stage}] {p.arch}: {cfg.num_params(vocab.size) / 1e6:.2f}M params, "
               f"sequences of {vocab.seq_len} tokens; {len(eval_set.prompts)} held-out prompts, "
               f"{len(eval_set.caption_codes)} pictures to caption; judge_acc "
@@ -277,9 +316,9 @@ class JointTrain(Stage):
             loss_weights={"text": p.text_loss_weight, "image": p.image_loss_weight},
             sampling=p.sampling.build(), eval_set=eval_set, vqgan_uri=vqgan_uri,
             tokenizer_json=tokenizer_json, activation_checkpointing=p.activation_checkpointing,
-            guidance_sweep=tuple(p.guidance_sweep),
+            guidance_sweep=tuple(p.guidance_sweep), auto_guidance=p.sampling.auto,
             save_meta={"arch": p.arch, "vqgan_uri": vqgan_uri, "seen_text_ids": seen,
-                       "sampling": p.sampling.model_dump(),
+                       "sampling": p.sampling.saved(),
                        "token_table_fingerprint": ctx.inputs["tokens"].fingerprint},
             threads=threads, preview=p.preview,
             tracking_uri=absolute_tracking_uri(ctx.tracking_uri), run_id=ctx.run_id,
@@ -302,7 +341,7 @@ class JointTrain(Stage):
             vocab_size=vocab.size, seq_len=vocab.seq_len, vqgan_uri=vqgan_uri,
             load="mmflow.generate.joint.load_painter('<this folder>')", **registered,
         )  # fmt: skip
-        shown = ("t2i_color_match", "t2i_match", "t2i_match_noguide", "t2i_match_best",
+        shown = ("t2i_color_match", "t2i_match", "t2i_guidance", "t2i_match_noguide", "t2i_match_best",
                  "t2i_best_guidance", "i2t_match", "judge_acc", "t2i_clip_score",
                  "real_clip_score")  # fmt: skip
         summary = ", ".join(f"{k}={ctx.metrics[k]:.3f}" for k in shown if k in ctx.metrics)

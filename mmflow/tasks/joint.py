@@ -29,6 +29,10 @@ from mmflow.models.joint import JointConfig, JointVocab
 from mmflow.tasks.joint_eval import JointEvalSet
 from mmflow.train.config import TrainConfig, TrainTask
 
+# added to the sampling seed for the guidance sweep's draws under ``auto`` guidance: far past
+# the per-batch offsets a draw adds (Painter.draw_ids), so no sweep draw repeats a reported one
+TUNING_SEED_OFFSET = 1_000_003
+
 
 class JointTask(TrainTask):
     """Model, data, loss and eval for the harness. Pickled to each worker; caches per process."""
@@ -56,6 +60,7 @@ class JointTask(TrainTask):
         run_id: str | None = None,
         replay_rows: bool = False,
         clip: dict[str, Any] | None = None,
+        auto_guidance: bool = False,
     ):
         self.cfg, self.vocab, self.train = cfg, vocab, train
         self.i2t_share, self.cond_dropout, self.loss_weights = i2t_share, cond_dropout, loss_weights
@@ -68,6 +73,7 @@ class JointTask(TrainTask):
         )
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.guidance_sweep = tuple(guidance_sweep)
+        self.auto_guidance = auto_guidance  # each eval draws with the sweep's best scale
         self.replay_rows = replay_rows
         self.clip = clip  # {"uri", "run_id", "spec"}: where rank 0 loads the scoring CLIP from
         self.tokens_per_sample = vocab.seq_len  # the harness reports tokens/s
@@ -151,12 +157,15 @@ class JointTask(TrainTask):
             return out
         painter = self._painter_for(model)
         if es.prompt_ids:
+            sweep = self._guidance_sweep(painter)
+            if self.auto_guidance and sweep:
+                self._use_guidance(sweep["t2i_best_guidance"])
             guided = painter.draw_ids(es.prompt_ids, self.sampling)
             plain = painter.draw_ids(es.prompt_ids, replace(self.sampling, guidance_scale=1.0))
             out.update(self._judged(guided, ""))
             out.update(self._judged(plain, "_noguide"))
             out.update(self._clip_scored(guided, plain))
-            out.update(self._guidance_sweep(painter))
+            out.update(sweep, t2i_guidance=self.sampling.guidance_scale)
             self._log_grid(guided[: self.preview], es.prompts[: self.preview])
         if es.caption_codes:
             from mmflow.eval.joint import i2t_scores
@@ -168,25 +177,48 @@ class JointTask(TrainTask):
         return out
 
     def _guidance_sweep(self, painter) -> dict[str, float]:
-        """``t2i_match`` at each of ``guidance_sweep``'s scales: the best one and its scale
-        (the best scale falls as a model trains; the fixed-scale figures stay the headline)."""
-        if self.eval_set.judge_state is None or not self.guidance_sweep:
+        """Every scale of ``guidance_sweep`` drawn and scored, by the judge's ``t2i_match`` or,
+        without ground truth, the CLIP score: the best score and its scale (the best scale
+        falls as a model trains). With ``auto`` guidance the sweep draws with a seed of its
+        own, so the scale is chosen on other draws than the figures then reported with it."""
+        judged = self.eval_set.judge_state is not None
+        if not self.guidance_sweep or not (judged or self.clip):
             return {}
-        best_scale, best = 0.0, -1.0
+        seed = self.sampling.seed + (TUNING_SEED_OFFSET if self.auto_guidance else 0)
+        name = "t2i_match_best" if judged else "t2i_clip_score_best"
+        best_scale, best = 0.0, float("-inf")
         for scale in self.guidance_sweep:
             drawn = painter.draw_ids(
-                self.eval_set.prompt_ids, replace(self.sampling, guidance_scale=scale)
+                self.eval_set.prompt_ids, replace(self.sampling, guidance_scale=scale, seed=seed)
             )
-            match = self._judged(drawn, "")["t2i_match"]
-            if match > best:
-                best_scale, best = scale, match
-        return {"t2i_match_best": best, "t2i_best_guidance": best_scale}
+            score = self._judged(drawn, "")["t2i_match"] if judged else self._clip_mean(drawn)
+            if score > best:
+                best_scale, best = scale, score
+        return {name: best, "t2i_best_guidance": best_scale}
+
+    def _use_guidance(self, scale: float) -> None:
+        """Draw with ``scale`` from now on, and save it with the model (``mmflow generate``
+        draws with the saved settings)."""
+        self.sampling = replace(self.sampling, guidance_scale=scale)
+        sampling = {**self.save_meta.get("sampling", {}), "guidance_scale": scale}
+        self.save_meta = {**self.save_meta, "sampling": sampling}
 
     def _clip_scored(self, guided, plain) -> dict[str, float]:
         """Mean CLIP score of the pictures drawn with guidance and without against their
         prompts, and of the real pictures the prompts describe (once: it does not change)."""
         if self.clip is None:
             return {}
+        out = {"t2i_clip_score": self._clip_mean(guided),
+               "t2i_clip_score_noguide": self._clip_mean(plain)}  # fmt: skip
+        real = self.eval_set.prompt_pictures
+        if real is not None and self._real_clip_score is None:
+            self._real_clip_score = self._clip_mean(real)
+        if self._real_clip_score is not None:
+            out["real_clip_score"] = self._real_clip_score
+        return out
+
+    def _clip_mean(self, pictures) -> float:
+        """Mean CLIP score of ``pictures`` against the prompts (the CLIP loaded once)."""
         from mmflow.eval.clip_score import clip_scores
 
         if self._clip is None:
@@ -196,17 +228,7 @@ class JointTask(TrainTask):
             source = resolve(spec, self.clip.get("uri"), self.clip.get("run_id"))
             device = next(self._painter.model.parameters()).device
             self._clip = load_clip(source, device=str(device))
-        prompts = self.eval_set.prompts
-        out = {
-            "t2i_clip_score": float(clip_scores(self._clip, guided, prompts).mean()),
-            "t2i_clip_score_noguide": float(clip_scores(self._clip, plain, prompts).mean()),
-        }
-        real = self.eval_set.prompt_pictures
-        if real is not None and self._real_clip_score is None:
-            self._real_clip_score = float(clip_scores(self._clip, real, prompts).mean())
-        if self._real_clip_score is not None:
-            out["real_clip_score"] = self._real_clip_score
-        return out
+        return float(clip_scores(self._clip, pictures, self.eval_set.prompts).mean())
 
     def _val_nll(self, model) -> dict[str, float]:
         """Mean text NLL of held-out captions given their pictures (image->text) and image NLL of

@@ -99,6 +99,7 @@ def test_joint_train_reports_held_out_figures_and_registers_the_model(trained):
         assert k in row.metrics, k
     for k in ("t2i_clip_score", "t2i_clip_score_noguide", "real_clip_score"):
         assert -1 <= row.metrics[k] <= 1, (k, row.metrics[k])  # cosines
+    assert row.metrics["t2i_guidance"] == 3.0  # the fixed scale the guided figures used
     assert 0 < row.metrics["val_image_nll"] < 10 and 0 <= row.metrics["t2i_match"] <= 1
     assert row.metrics["judge_acc_color"] > 0.5  # 100 steps on 200 pictures: far above chance (1/6)
     man = json.load(open(os.path.join(row.output, "_MANIFEST.json")))
@@ -169,6 +170,23 @@ def test_a_clip_both_wired_and_named_stops_at_load(trained, tmp_path):
     _, path = trained
     with pytest.raises(ConfigError, match=r"joint.*params\.clip.*also wired as input `clip`"):
         load_pipeline(path, ["joint.params.clip.arch=mmflow-clip-tiny"])
+
+
+def test_auto_guidance_is_checked_at_load(tmp_path):
+    from mmflow.config import ConfigError
+
+    path = pipeline_yaml(tmp_path, STAGES)
+    auto = "joint.params.sampling.guidance_scale=auto"
+    assert load_pipeline(path, [auto]).stages["joint"].params.sampling.auto
+    for bad, said in (("-1", "must be >= 0 or 'auto'"), ("often", "auto")):
+        with pytest.raises(ConfigError, match=rf"joint.*guidance_scale.*{said}"):
+            load_pipeline(path, [f"joint.params.sampling.guidance_scale={bad}"])
+    with pytest.raises(ConfigError, match=r"joint.*auto picks a scale from guidance_sweep"):
+        load_pipeline(path, [auto, "joint.params.guidance_sweep=[]"])
+    # nothing to judge the sweep's pictures by: no ground-truth shards, no CLIP
+    unjudged = STAGES.replace("vqgan: vq, shards: synth, clip: clip", "vqgan: vq")
+    with pytest.raises(ConfigError, match=r"joint.*guidance_scale.*auto needs a judge"):
+        load_pipeline(pipeline_yaml(tmp_path, unjudged, filename="u.yaml"), [auto])
 
 
 def _without_ground_truth(shard: str, out: str) -> None:
@@ -251,12 +269,13 @@ def test_generate_cli_writes_pictures_and_refuses_bad_prompts(trained, tmp_path)
     assert r.returncode == 2 and "bad.png" in r.stderr
 
 
-def test_zero3_rerun_touches_only_joint_and_exports_a_plain_model(trained):
+def test_zero3_rerun_touches_only_joint_exports_a_plain_model_and_its_auto_guidance(trained):
     from mmflow.generate.joint import load_painter
     from mmflow.generate.sampling import SamplingConfig
 
     runner, path = trained
-    changed = Runner(load_pipeline(path, ["joint.params.train.zero_stage=3"]))
+    changed = Runner(load_pipeline(path, ["joint.params.train.zero_stage=3",
+                                          "joint.params.sampling.guidance_scale=auto"]))  # fmt: skip
     assert [
         n for n in changed.fingerprints if changed.fingerprints[n] != runner.fingerprints[n]
     ] == ["joint"]
@@ -264,6 +283,10 @@ def test_zero3_rerun_touches_only_joint_and_exports_a_plain_model(trained):
     assert report.executed == ["joint"] and report.cached == ["synth", "vq", "clip", "tok"]
     painter = load_painter(_row(changed).outputs["model"])
     assert painter.draw(["a green diamond"], SamplingConfig()).shape == (1, 3, 32, 32)
+    # auto: the sweep's best scale (on draws of its own) drew the figures and went with the model
+    m = _row(changed).metrics
+    assert m["t2i_guidance"] == m["t2i_best_guidance"] and m["t2i_guidance"] in (1, 1.5, 2, 3, 5)
+    assert painter.sampling_for(drawing=True).guidance_scale == m["t2i_guidance"]
 
 
 def test_zero2_on_two_workers_killed_part_way_resumes_to_the_same_step(trained, tmp_path):
