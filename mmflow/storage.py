@@ -130,8 +130,10 @@ class Storage:
         if not is_remote(normalize(uri)):
             fs.create_dir(path, recursive=True)
 
-    def ls(self, uri: str, recursive: bool = False) -> list[FileInfo]:
-        """Entries under a folder, sorted by name; empty when it does not exist."""
+    def ls(self, uri: str, recursive: bool = False, temporaries: bool = False) -> list[FileInfo]:
+        """Entries under a folder, sorted by name; empty when it does not exist. An atomic
+        write's temporary (in flight, or left by a killed writer) is never data: it is listed
+        only with ``temporaries`` (a ``._tmp-*-00003.tar`` would otherwise pass for a shard)."""
         fs, path = filesystem(uri)
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return []
@@ -146,6 +148,8 @@ class Storage:
             else:
                 rel = os.path.relpath(info.path, path)
                 full = join(base, rel)
+            if not temporaries and posixpath.basename(rel).startswith(TMP_PREFIX):
+                continue
             out.append(
                 FileInfo(
                     uri=full,
@@ -252,7 +256,7 @@ class Storage:
     def remove_temporaries(self, uri: str) -> int:
         """Delete leftovers of interrupted atomic writes under a folder; returns how many."""
         n = 0
-        for info in self.ls(uri, recursive=True):
+        for info in self.ls(uri, recursive=True, temporaries=True):
             if not info.is_dir and posixpath.basename(info.name).startswith(TMP_PREFIX):
                 self.delete(info.uri)
                 n += 1

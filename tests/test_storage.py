@@ -24,6 +24,22 @@ def test_local_atomic_write_hides_partial_files(tmp_path):
     assert [f.name for f in st.ls(str(tmp_path / "a"))] == ["file.bin"]
 
 
+def test_a_killed_writers_temporary_is_never_listed_as_data(tmp_path):
+    """A writer killed mid-write (SIGKILL: no cleanup) leaves its temporary; listings, and so
+    every reader that picks files by suffix (shards, stats, Parquet), pass over it until
+    ``remove_temporaries`` (the runner, before a stage resumes) deletes it."""
+    st, folder = Storage(), str(tmp_path / "shards")
+    st.write_json(os.path.join(folder, "00000_stats.json"), {"n": 1})
+    os.makedirs(os.path.join(folder, "sub"))
+    for name in ("._tmp-abc-00001_stats.json", "._tmp-abc-00001.tar", "sub/._tmp-d-x.parquet"):
+        (tmp_path / "shards" / name).write_bytes(b"")
+    assert [f.name for f in st.ls(folder)] == ["00000_stats.json", "sub"]
+    assert [f.name for f in st.ls(folder, recursive=True)] == ["00000_stats.json", "sub"]
+    assert len(st.ls(folder, recursive=True, temporaries=True)) == 5
+    assert st.remove_temporaries(folder) == 3
+    assert len(st.ls(folder, recursive=True, temporaries=True)) == 2
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     """A moto S3 server on 127.0.0.1 (tests/servers.py) with the bucket ``mmflow-test``; the
