@@ -76,16 +76,14 @@ class SamplingParams(Params):
 
     def saved(self) -> dict[str, Any]:
         """The settings as saved with the model (``auto``: each evaluation writes its choice)."""
-        return {**self.model_dump(), "guidance_scale": self.build().guidance_scale}
+        return {**self.model_dump(), **({"guidance_scale": 1.0} if self.auto else {})}
 
     def build(self):
         """The settings as a SamplingConfig; with ``auto`` guidance 1 until an evaluation
         chooses (nothing is drawn before one)."""
         from mmflow.generate.sampling import SamplingConfig
 
-        return SamplingConfig(
-            **{**self.model_dump(), **({"guidance_scale": 1.0} if self.auto else {})}
-        )
+        return SamplingConfig(**self.saved())
 
 
 class JointTrainParams(Params):

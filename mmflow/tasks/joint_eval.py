@@ -113,13 +113,14 @@ def build_eval_set(
     )
     tok = Tokenizer.from_str(tokenizer_json)
     held_keys = {table["key"][i] for i in rows}
-    truth = scenes_and_pictures(shards, held_keys, len(held_keys), image_size) if shards else {}
+    # one pass over the shards: the held-out pictures, with their scenes where they have one
+    real = scenes_and_pictures(shards or [], held_keys, len(held_keys), image_size, False)
+    truth = {k: v for k, v in real.items() if v[0] is not None}
     if not truth:  # no ground truth: the held-out captions are the prompts
         picked = rows[:prompts]
         es.prompt_ids = [table["text_ids"][i] for i in picked]
         es.prompts = [tok.decode(ids).strip() for ids in es.prompt_ids]
         keys = [table["key"][i] for i in picked]
-        real = scenes_and_pictures(shards or [], set(keys), len(keys), image_size, False)
         if keys and all(k in real for k in keys):
             es.prompt_pictures = torch.stack([real[k][1] for k in keys])
         return es, {}, seen
