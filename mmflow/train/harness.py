@@ -2,7 +2,9 @@
 
 A stage supplies a :class:`TrainTask` (model, data, loss, eval, save) and a
 :class:`TrainConfig`; :func:`fit` runs it on ``ctx.resources.workers`` Ray Train
-workers with DDP or DeepSpeed (ZeRO 0-3) and takes care of the rest:
+workers with DDP or DeepSpeed (ZeRO 0-3) and takes care of the rest. One worker runs
+in one Ray task instead, the same loop in Ray Train's local mode (``_fit_alone``: Ray
+Train's start-up is a fixed ~20 s a stage that a single worker does not need).
 
 - checkpoints every ``checkpoint_every`` optimizer steps and at the end, under
   ``ctx.work("checkpoints", "step_XXXXXXXX")``. Every rank uploads its part,
@@ -66,7 +68,8 @@ def fit(
     Returns the final metrics: ``step``, ``train/loss``, the ``eval/*`` of the final model and
     ``data/<name>``, each of ``task.data_counters()`` summed over ranks (the MLflow history is
     already logged; ``ctx.metrics`` is left to the stage). Raises
-    ``ray.train.TrainingFailedError`` once workers failed more than ``cfg.max_failures`` times.
+    ``ray.train.TrainingFailedError`` once workers failed more than ``cfg.max_failures`` times
+    (one worker: the loop's own error, through Ray's task error).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -78,22 +81,25 @@ def fit(
         )
     if model_output is not None and model_output not in ctx.outputs:
         raise KeyError(f"stage {ctx.stage!r} has no output {model_output!r} for the trained model")
+    config = {
+        "task": task,
+        "cfg": cfg.model_dump(),
+        "stage": ctx.stage,
+        # absolute: Ray Train runs the workers in a directory of its own
+        "work_uri": normalize(ctx.work_uri),
+        "tracking_uri": absolute_tracking_uri(ctx.tracking_uri),
+        "run_id": ctx.run_id,
+        "model_uri": normalize(ctx.outputs[model_output]) if model_output is not None else None,
+        # a worker group that finds this fit's marker is a restart of it (see _worker_loop)
+        "fit_id": uuid.uuid4().hex,
+    }
+    if res.workers == 1:
+        return _fit_alone(config, datasets, ctx, cfg)
     per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus > 0 else {})}
     fs, ray_path = filesystem(ctx.work("ray_train"))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={
-            "task": task,
-            "cfg": cfg.model_dump(),
-            "stage": ctx.stage,
-            # absolute: Ray Train runs the workers in a directory of its own
-            "work_uri": normalize(ctx.work_uri),
-            "tracking_uri": absolute_tracking_uri(ctx.tracking_uri),
-            "run_id": ctx.run_id,
-            "model_uri": normalize(ctx.outputs[model_output]) if model_output is not None else None,
-            # a worker group that finds this fit's marker is a restart of it (see _worker_loop)
-            "fit_id": uuid.uuid4().hex,
-        },
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=res.workers,
             use_gpu=res.gpus > 0,
@@ -106,6 +112,59 @@ def fit(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
+        datasets=datasets,
+    )
+    return dict(trainer.fit().return_value or {})
+
+
+def _fit_alone(
+    config: dict[str, Any], datasets: dict[str, Any] | None, ctx: StageContext, cfg: TrainConfig
+) -> dict[str, float]:
+    """One worker: the worker loop in one Ray task that holds the worker's resources.
+
+    Ray Train's controller starts seven actors one after another before its one worker
+    trains (the controller, Ray Data's coordinator, a synchronization actor, a placement-group
+    cleaner, a dataset manager, a preemption watcher, the worker): about 20 s of a 2-core
+    machine at every training stage, more than some of the quickstart's stages train. One task
+    starts one process and runs the loop in Ray Train's local mode, so the loop is the same
+    code with the same ``ray.train`` calls (a dataset's shard is the whole dataset). The
+    task's retries stand in for ``FailureConfig``: ``cfg.max_failures`` of them, a lost
+    process or node and an error alike, each resuming from the newest complete checkpoint
+    as a restarted worker group does.
+    """
+    import ray
+
+    res = ctx.resources
+    # max_calls=1: a process of its own; the process group and its environment end with it
+    run = ray.remote(max_calls=1)(_alone).options(
+        name=f"{ctx.stage}.train",
+        num_cpus=res.cpus,
+        num_gpus=res.gpus if res.gpus > 0 else 0,
+        max_retries=cfg.max_failures,
+        retry_exceptions=True,
+    )
+    return ray.get(run.remote(config, datasets))
+
+
+def _alone(config: dict[str, Any], datasets: dict[str, Any] | None) -> dict[str, float]:
+    """In the task: a one-process torch.distributed group (gloo, or nccl on a GPU, set up by
+    Ray Train's local mode from this environment), then the worker loop."""
+    import socket
+
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=0),
         datasets=datasets,
     )
     return dict(trainer.fit().return_value or {})

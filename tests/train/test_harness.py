@@ -158,6 +158,50 @@ def test_deepspeed_zero2_recovers_from_a_lost_worker(ray_cluster, tmp_path):
     assert os.path.exists(tmp_path / "out" / "model" / "model.pt")
 
 
+class WhereItRan(Regression):
+    """Regression that also notes, at each data start, whether it runs in an actor (a Ray
+    Train worker) or a plain task."""
+
+    def train_batches(self, rank, world_size, start_step):
+        actor = ray.get_runtime_context().get_actor_id()
+        with open(os.path.join(self.log_dir, "where.txt"), "a") as f:
+            f.write(("actor" if actor else "task") + "\n")
+        yield from super().train_batches(rank, world_size, start_step)
+
+
+def test_one_worker_trains_in_one_task_and_recovers_from_a_lost_process(ray_cluster, tmp_path):
+    """workers: 1 runs the loop in one Ray task (no Ray Train controller and its actors); a
+    lost process is retried like a lost worker group, from the newest complete checkpoint."""
+    from mlflow import MlflowClient
+
+    task = WhereItRan(str(tmp_path), fail_at_step=25, fail_rank=0, fail_mode="exit")
+    cfg = TrainConfig(
+        strategy="deepspeed", zero_stage=2, max_steps=40, batch_size=16, lr=1e-2,
+        warmup_steps=5, checkpoint_every=10, log_every=5, max_failures=1,
+    )  # fmt: skip
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("harness")).info.run_id
+    ctx = make_ctx(tmp_path, workers=1, tracking_uri=uri, run_id=run)
+    final = fit(task, cfg, ctx)
+
+    assert os.path.exists(tmp_path / "failed") and final["step"] == 40
+    assert task.starts() == [(0, 0), (0, 20)]
+    assert open(tmp_path / "where.txt").read().split() == ["task", "task"]
+    restarts = client.get_metric_history(run, "train/restarted_at_step")
+    assert [(m.step, m.value) for m in restarts] == [(20, 20.0)]
+    assert client.get_run(run).data.tags["mmflow.train_restarts"] == "1"
+    assert final["eval/mse"] < 0.2 * initial_mse()
+    assert os.path.exists(tmp_path / "out" / "model" / "model.pt")
+
+    # with no retries left, the task's error is the error raised in the loop
+    broken = Regression(str(tmp_path / "b"), fail_at_step=5, fail_rank=0, fail_mode="raise")
+    os.makedirs(tmp_path / "b")
+    ctx = make_ctx(tmp_path / "b", workers=1)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        fit(broken, cfg.model_copy(update={"max_failures": 0}), ctx)
+
+
 def test_rerun_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     """Also the ZeRO-3 + bf16 path: sharded weights gathered for eval and for the saved model."""
     cfg = TrainConfig(
