@@ -167,6 +167,7 @@ class Console:
                 self._stage = None
             task = self._tasks.pop(name, None)
             if task is not None and self._bars is not None:
+                self._bars.refresh()  # its last state drawn once, however soon the end came
                 self._bars.remove_task(task)
                 self._bars.refresh()  # a line printed next redraws the bars as last drawn
         self.line(text, style=None if ok else "bold red")

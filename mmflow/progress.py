@@ -171,6 +171,39 @@ def decode(line: str) -> dict[str, Any] | None:
     return message if isinstance(message, dict) and "kind" in message else None
 
 
+# A worker's output reaches the driver by Ray tailing its log file, a task's result directly:
+# a stage whose task has returned may still have its last lines on the way. A worker ends
+# with a sync line (``send_sync``); the driver waits for it (``wait_for_sync``) where its
+# console reads the workers' lines (``listening``, set by mmflow.ray_env).
+_synced: set[str] = set()
+_sync_seen = threading.Condition()
+listening = False
+
+
+def send_sync(token: str) -> None:
+    """In a worker: a marked line after everything it printed before."""
+    sys.stdout.write(MARK + json.dumps({"kind": "sync", "token": token}) + "\n")
+    sys.stdout.flush()
+
+
+def synced(token: str) -> None:
+    """In the driver: a worker's sync line arrived."""
+    with _sync_seen:
+        _synced.add(token)
+        _sync_seen.notify_all()
+
+
+def wait_for_sync(token: str, timeout: float = 10.0) -> bool:
+    """In the driver: wait until the worker's lines up to its sync line have been shown
+    (at most ``timeout`` seconds; at once where no console reads them)."""
+    with _sync_seen:
+        if listening:
+            _sync_seen.wait_for(lambda: token in _synced, timeout)
+        found = token in _synced
+        _synced.discard(token)
+        return found
+
+
 def in_ray_worker() -> bool:
     """Whether this process is a Ray worker (its stdout goes to Ray's log files)."""
     if "ray" not in sys.modules:

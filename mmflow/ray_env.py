@@ -125,6 +125,8 @@ def _filter_worker_output(console, verbose: bool) -> None:
             message = progress.decode(line)
             if message is None:
                 rest.append(line)
+            elif message["kind"] == "sync":
+                progress.synced(str(message.get("token")))
             else:
                 console.worker_message(message)
         if verbose and rest:
@@ -132,6 +134,7 @@ def _filter_worker_output(console, verbose: bool) -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("mmflow_console", handle)
+    progress.listening = True
 
 
 def _to_root(*names: str) -> None:

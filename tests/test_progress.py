@@ -182,6 +182,24 @@ def test_marked_lines_decode_and_others_do_not():
         assert progress.decode(other) is None
 
 
+def test_the_driver_waits_for_a_workers_sync_line_where_it_reads_them(monkeypatch, capsys):
+    import threading
+    import time
+
+    progress.send_sync("fit-1")  # what a worker writes last
+    assert progress.decode(capsys.readouterr().out) == {"kind": "sync", "token": "fit-1"}
+    monkeypatch.setattr(progress, "listening", False)
+    assert progress.wait_for_sync("fit-1", timeout=5) is False  # no console reads: no wait
+    monkeypatch.setattr(progress, "listening", True)
+    threading.Timer(0.3, progress.synced, ["fit-1"]).start()  # Ray's log thread, later
+    t0 = time.monotonic()
+    assert progress.wait_for_sync("fit-1", timeout=5) is True
+    assert 0.2 < time.monotonic() - t0 < 4
+    t0 = time.monotonic()
+    assert progress.wait_for_sync("never", timeout=0.3) is False  # a lost line: not forever
+    assert time.monotonic() - t0 < 2
+
+
 def test_brief_error_is_the_first_error_without_ray_tracebacks(ray_session):
     @ray_session.remote(num_cpus=0, max_retries=0)
     def fails():

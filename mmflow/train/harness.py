@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mmflow.progress import Progress
+from mmflow.progress import Progress, send_sync, wait_for_sync
 from mmflow.stage import StageContext
 from mmflow.storage import Storage, filesystem, join, normalize
 from mmflow.train.checkpoints import Checkpoints, say
@@ -143,7 +143,9 @@ def _fit_alone(
         max_retries=cfg.max_failures,
         retry_exceptions=True,
     )
-    return ray.get(run.remote(config, datasets))
+    final = ray.get(run.remote(config, datasets))
+    wait_for_sync(config["fit_id"])  # the loop's last progress shown before the stage ends
+    return final
 
 
 def _alone(config: dict[str, Any], datasets: dict[str, Any] | None) -> dict[str, float]:
@@ -167,7 +169,9 @@ def _alone(config: dict[str, Any], datasets: dict[str, Any] | None) -> dict[str,
         scaling_config=ScalingConfig(num_workers=0),
         datasets=datasets,
     )
-    return dict(trainer.fit().return_value or {})
+    final = dict(trainer.fit().return_value or {})
+    send_sync(config["fit_id"])
+    return final
 
 
 def absolute_tracking_uri(uri: str) -> str:
