@@ -49,11 +49,15 @@ def read_table(files: list[str]) -> dict[str, list]:
 
 
 def scenes_and_pictures(
-    shards: list[str], keys: set[str] | None, limit: int, image_size: int, need_scene: bool = True
+    shards: list[str],
+    keys: set[str] | None,
+    limit: int,
+    image_size: int,
+    sceneless: frozenset[str] = frozenset(),
 ):
     """{key: (scene, uint8 (3, S, S) picture)} of ``synth_shapes`` samples: those in ``keys``
     (all when None), up to ``limit``; samples without a readable picture are left out, and
-    so are those without a scene unless ``need_scene`` is False (their scene is then None)."""
+    so are those without a scene unless their key is in ``sceneless`` (scene None)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -68,7 +72,7 @@ def scenes_and_pictures(
                 return out
             if s.error or (keys is not None and s.key not in keys):
                 continue
-            if need_scene and "synth" not in s.meta:
+            if "synth" not in s.meta and s.key not in sceneless:
                 continue
             try:
                 with Image.open(io.BytesIO(s.image)) as img:
@@ -113,14 +117,15 @@ def build_eval_set(
     )
     tok = Tokenizer.from_str(tokenizer_json)
     held_keys = {table["key"][i] for i in rows}
-    # one pass over the shards: the held-out pictures, with their scenes where they have one
-    real = scenes_and_pictures(shards or [], held_keys, len(held_keys), image_size, False)
+    # one pass over the shards: the held-out pictures with a scene, and the pictures of the
+    # prompts drawn when there is no ground truth (the first held-out captions)
+    picked = rows[:prompts]
+    keys = [table["key"][i] for i in picked]
+    real = scenes_and_pictures(shards or [], held_keys, len(held_keys), image_size, frozenset(keys))
     truth = {k: v for k, v in real.items() if v[0] is not None}
     if not truth:  # no ground truth: the held-out captions are the prompts
-        picked = rows[:prompts]
         es.prompt_ids = [table["text_ids"][i] for i in picked]
         es.prompts = [tok.decode(ids).strip() for ids in es.prompt_ids]
-        keys = [table["key"][i] for i in picked]
         if keys and all(k in real for k in keys):
             es.prompt_pictures = torch.stack([real[k][1] for k in keys])
         return es, {}, seen

@@ -69,7 +69,8 @@ def fit(
     ``data/<name>``, each of ``task.data_counters()`` summed over ranks (the MLflow history is
     already logged; ``ctx.metrics`` is left to the stage). Raises
     ``ray.train.TrainingFailedError`` once workers failed more than ``cfg.max_failures`` times
-    (one worker: the loop's own error, through Ray's task error).
+    (one worker: the loop's own error through Ray's task error, or Ray's error for a lost
+    process or node).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -143,15 +144,18 @@ def _fit_alone(
         max_retries=cfg.max_failures,
         retry_exceptions=True,
     )
-    final = ray.get(run.remote(config, datasets))
+    final = ray.get(run.remote(config, datasets, res.gpus > 0))
     wait_for_sync(config["fit_id"])  # the loop's last progress shown before the stage ends
     return final
 
 
-def _alone(config: dict[str, Any], datasets: dict[str, Any] | None) -> dict[str, float]:
+def _alone(config: dict[str, Any], datasets: dict[str, Any] | None, gpus: bool) -> dict[str, float]:
     """In the task: a one-process torch.distributed group (gloo, or nccl on a GPU, set up by
     Ray Train's local mode from this environment), then the worker loop."""
     import socket
+
+    if not gpus:  # Ray leaves a GPU node's devices visible to a task that asked for none
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -170,7 +174,7 @@ def _alone(config: dict[str, Any], datasets: dict[str, Any] | None) -> dict[str,
         datasets=datasets,
     )
     final = dict(trainer.fit().return_value or {})
-    send_sync(config["fit_id"])
+    send_sync(config["fit_id"])  # after everything this attempt printed; a failed one sends none
     return final
 
 
