@@ -23,7 +23,8 @@ from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, complete_checkpoints, fit
 from mmflow.train.checkpoints import Checkpoints
 from mmflow.train.engines import lr_schedule
-from mmflow.train.harness import _StepProgress, _to_device, absolute_tracking_uri
+from mmflow.train.harness import _to_device, absolute_tracking_uri
+from mmflow.train.reporting import StepProgress
 
 DIM = 8
 
@@ -325,7 +326,7 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
 
 def test_progress_line(capsys):
     """Rank 0's steps as a bar (plain lines here: no console, not in a worker)."""
-    progress = _StepProgress(total=500, start=100, desc="train", enabled=True)
+    progress = StepProgress(total=500, start=100, desc="train", enabled=True)
     progress.at(120, loss=0.41234)
     line = capsys.readouterr().out
     assert re.fullmatch(
@@ -333,7 +334,7 @@ def test_progress_line(capsys):
     )
     progress.at(121, loss=0.4)  # within 5 s of the last line: silent
     assert capsys.readouterr().out == ""
-    _StepProgress(500, 0, "train", enabled=False).at(500, 0.1, final=True)  # other ranks
+    StepProgress(500, 0, "train", enabled=False).at(500, 0.1, final=True)  # other ranks
     assert capsys.readouterr().out == ""
 
 
