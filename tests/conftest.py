@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -17,6 +18,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # start every worker through `uv run` again, from a copy of the working directory without .uv/.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 MMFLOW = [sys.executable, "-m", "mmflow.cli"]
+# The suite runs in two processes (pytest-xdist, `-n 2` in pyproject.toml: most of its time is
+# spent waiting on processes starting, so two interleave well on two cores). Each gets a temp
+# folder of its own, inherited by everything it starts (Ray's session folder included), so what a
+# test looks for there (Ray's logs, the console's native-output files) is its own.
+if WORKER := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["TMPDIR"] = os.path.join(tempfile.gettempdir(), f"mmflow-tests-{WORKER}")
+    os.makedirs(os.environ["TMPDIR"], exist_ok=True)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
 @pytest.fixture(scope="module")
