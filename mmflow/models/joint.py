@@ -306,9 +306,11 @@ def joint_losses(
     nll = (lse - picked) * valid
     image = (vocab.stream_of(targets) == IMAGE) & valid
     text = valid & ~image
-    text_nll = nll[text].sum() / text.sum().clamp(min=1)
-    image_nll = nll[image].sum() / image.sum().clamp(min=1)
-    z = (lse[valid] ** 2).sum() / valid.sum().clamp(min=1)
+    # masked sums, not boolean indexing: no data-dependent shapes, so torch.compile (the
+    # `compile` train param) keeps the loss in the model's graph
+    text_nll = (nll * text).sum() / text.sum().clamp(min=1)
+    image_nll = (nll * image).sum() / image.sum().clamp(min=1)
+    z = (lse.square() * valid).sum() / valid.sum().clamp(min=1)
     loss = weights["text"] * text_nll + weights["image"] * image_nll
     if z_loss > 0:
         loss = loss + z_loss * z
