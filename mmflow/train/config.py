@@ -36,6 +36,11 @@ class TrainConfig(Params):
     )
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model for training (the first step compiles, about a "
+        "minute on 2 CPUs; evaluation and saving run it uncompiled)",
+    )
     checkpoint_every: int = Field(500, ge=0, description="steps; 0 = only at the end")
     eval_every: int = Field(0, ge=0, description="steps; 0 = only at the end")
     log_every: int = Field(10, ge=1)

@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mmflow.progress import send_sync, wait_for_sync
+from mmflow.progress import say, send_sync, wait_for_sync
 from mmflow.stage import StageContext
 from mmflow.storage import Storage, filesystem, join, normalize
 from mmflow.train.checkpoints import Checkpoints
@@ -207,7 +207,10 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
 
     _seed(cfg.seed)  # the same initial weights on every rank
     make = DeepSpeedEngine if cfg.strategy == "deepspeed" else DDPEngine
-    runner = make(task.build_model(), cfg, device, world)
+    model = task.build_model()
+    if cfg.compile:
+        _compile(model, rank)
+    runner = make(model, cfg, device, world)
     resumed = ckpts.resume(runner)
     step = saved = resumed["step"]
     _seed(cfg.seed + 1_000_003 * rank + step)  # per rank, and reproducible on resume
@@ -256,6 +259,23 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     return final if rank == 0 else None
 
 
+def _compile(model: nn.Module, rank: int) -> None:
+    """torch.compile in place: the same module, parameter names and state dict, so engines,
+    checkpoints and ``task.save`` see no difference (``_evaluate`` runs it eagerly: other
+    shapes, no grads). Inductor builds its CPU kernels with a C++ compiler; where there is none
+    the model trains uncompiled (the same model up to rounding), and rank 0 says so."""
+    import shutil
+
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        if rank == 0:
+            say(
+                f"[train] warning: compile: no C++ compiler ({cxx}) for torch.compile; training uncompiled"
+            )
+        return
+    model.compile()
+
+
 def _every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
@@ -273,7 +293,7 @@ def _evaluate(task: TrainTask, model: nn.Module | None, cfg: TrainConfig, device
         return {}
     was_training = model.training
     model.eval()
-    with torch.no_grad(), autocast(cfg, device):
+    with torch.no_grad(), autocast(cfg, device), torch.compiler.set_stance("force_eager"):
         out = {f"eval/{k}": float(v) for k, v in task.evaluate(model).items()}
     model.train(was_training)
     return out
