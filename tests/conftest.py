@@ -18,8 +18,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # start every worker through `uv run` again, from a copy of the working directory without .uv/.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 MMFLOW = [sys.executable, "-m", "mmflow.cli"]
-# The suite runs in two processes (pytest-xdist, `-n 2` in pyproject.toml: most of its time is
-# spent waiting on processes starting, so two interleave well on two cores). Each gets a temp
+# The suite runs in two processes (pytest-xdist, `-n 2` in pyproject.toml: part of its time is
+# spent waiting on processes starting, which the other process fills; 28m27s against 32m51s in
+# one on a 2-core host). Each gets a temp
 # folder of its own, inherited by everything it starts (Ray's session folder included), so what a
 # test looks for there (Ray's logs, the console's native-output files) is its own.
 if WORKER := os.environ.get("PYTEST_XDIST_WORKER"):

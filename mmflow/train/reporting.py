@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from mmflow.progress import Progress
+from mmflow.progress import Progress, say
 from mmflow.storage import Storage, join
-from mmflow.train.checkpoints import say
 from mmflow.train.config import TrainConfig
 
 if TYPE_CHECKING:
