@@ -27,6 +27,7 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
+    _unfilter_worker_output()  # an earlier ray.init of this process may have left its filter
     console = progress.installed()
     quiet = console is not None and not console.verbose
     buffer = _hold_driver_logs(verbose=not quiet) if console is not None else None
@@ -135,6 +136,18 @@ def _filter_worker_output(console, verbose: bool) -> None:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("mmflow_console", handle)
     progress.listening = True
+
+
+def _unfilter_worker_output() -> None:
+    """No mmflow handler of worker output (``ray.shutdown`` removes Ray's printer, not ours):
+    a later ``ray.init`` without a console must not wait for sync lines no one reads, nor one
+    with a console show each line twice."""
+    progress.listening = False
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    dispatcher.remove_handler("mmflow_console")
 
 
 def _to_root(*names: str) -> None:

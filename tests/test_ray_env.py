@@ -55,3 +55,36 @@ def test_a_quiet_run_turns_hugging_face_progress_bars_off():
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert done.stdout.split()[-1] == "False", (before, done.stdout)
+
+
+def test_a_later_ray_init_starts_from_no_mmflow_filter():
+    """``ray.shutdown`` removes Ray's printer of worker output, not mmflow's: the next
+    ``ensure_ray`` drops it, so lines are not shown twice and, without a console, the harness
+    does not wait for sync lines no one reads."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from mmflow import progress
+    from mmflow.ray_env import _filter_worker_output, _unfilter_worker_output
+
+    class Console:
+        def __init__(self):
+            self.messages = []
+
+        def worker_message(self, message):
+            self.messages.append(message)
+
+    saved = list(dispatcher.handlers)
+    try:
+        first, second = Console(), Console()
+        _filter_worker_output(first, verbose=False)
+        assert progress.listening
+        _unfilter_worker_output()
+        assert not progress.listening
+        _filter_worker_output(second, verbose=False)
+        line = progress.MARK + '{"kind": "say", "text": "hello"}'
+        dispatcher.emit({"lines": [line]})
+        assert first.messages == [] and len(second.messages) == 1
+        assert [name for name, _ in dispatcher.handlers].count("mmflow_console") == 1
+    finally:
+        dispatcher.handlers = saved
+        progress.listening = False

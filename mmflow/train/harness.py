@@ -115,7 +115,9 @@ def fit(
         ),
         datasets=datasets,
     )
-    return dict(trainer.fit().return_value or {})
+    final = dict(trainer.fit().return_value or {})
+    wait_for_sync(config["fit_id"])  # rank 0's last progress shown before the stage ends
+    return final
 
 
 def _fit_alone(
@@ -160,6 +162,10 @@ def _alone(config: dict[str, Any], datasets: dict[str, Any] | None, gpus: bool) 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # A free port, probed: MASTER_PORT=0 would let the store pick one, but DeepSpeed's CPU
+    # communication names its shared memory after MASTER_ADDR and MASTER_PORT. Another process
+    # taking the port between probe and bind is an address-in-use error, which the task's
+    # retries (max_failures) resume from the newest checkpoint.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -173,9 +179,7 @@ def _alone(config: dict[str, Any], datasets: dict[str, Any] | None, gpus: bool) 
         scaling_config=ScalingConfig(num_workers=0),
         datasets=datasets,
     )
-    final = dict(trainer.fit().return_value or {})
-    send_sync(config["fit_id"])  # after everything this attempt printed; a failed one sends none
-    return final
+    return dict(trainer.fit().return_value or {})
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -209,7 +213,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     make = DeepSpeedEngine if cfg.strategy == "deepspeed" else DDPEngine
     model = task.build_model()
     if cfg.compile:
-        _compile(model, rank)
+        _compile(model, rank, device)
     runner = make(model, cfg, device, world)
     resumed = ckpts.resume(runner)
     step = saved = resumed["step"]
@@ -256,24 +260,42 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     final.update({f"data/{k}": float(v) for k, v in counters.items()})
     _ray_report(final, step)  # after the upload: a barrier, so no rank returns before it is done
     progress.at(step, last.get("train/loss"), final=True)
+    if rank == 0:  # after everything this attempt printed; a failed attempt sends none
+        send_sync(config["fit_id"])
     return final if rank == 0 else None
 
 
-def _compile(model: nn.Module, rank: int) -> None:
+def _compile(model: nn.Module, rank: int, device) -> None:
     """torch.compile in place: the same module, parameter names and state dict, so engines,
     checkpoints and ``task.save`` see no difference (``_evaluate`` runs it eagerly: other
-    shapes, no grads). Inductor builds its CPU kernels with a C++ compiler; where there is none
-    the model trains uncompiled (the same model up to rounding), and rank 0 says so."""
-    import shutil
-
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
+    shapes, no grads). Where inductor cannot build kernels for the device (see
+    ``compile_blocker``) the model trains uncompiled (the same model up to rounding), and rank 0
+    says why."""
+    blocker = compile_blocker(device)
+    if blocker:
         if rank == 0:
-            say(
-                f"[train] warning: compile: no C++ compiler ({cxx}) for torch.compile; training uncompiled"
-            )
+            say(f"[train] warning: compile: {blocker}; training uncompiled")
         return
     model.compile()
+
+
+def compile_blocker(device) -> str | None:
+    """Why inductor could not build kernels for ``device``, or None: GPU kernels need Triton,
+    CPU kernels the C++ compiler inductor's own search finds (``torch._inductor.config.cpp.cxx``,
+    ``$CXX``), asked up front rather than failing at the first step."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "no Triton for GPU kernels (pip install triton)"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # inductor moved it: let torch.compile decide at the first step
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # InvalidCxxCompiler, or the platform's own compiler checks
+        return f"no C++ compiler inductor can use for CPU kernels ({type(e).__name__}; set $CXX)"
+    return None
 
 
 def _every(n: int, step: int) -> bool:

@@ -23,7 +23,7 @@ from mmflow.storage import Storage
 from mmflow.train import TrainConfig, TrainTask, complete_checkpoints, fit
 from mmflow.train.checkpoints import Checkpoints
 from mmflow.train.engines import lr_schedule
-from mmflow.train.harness import _to_device, absolute_tracking_uri
+from mmflow.train.harness import _compile, _to_device, absolute_tracking_uri, compile_blocker
 from mmflow.train.reporting import StepProgress
 
 DIM = 8
@@ -296,6 +296,21 @@ def test_compile_trains_the_compiled_model_and_saves_plain_weights(ray_cluster, 
     model = task.build_model()
     model.load_state_dict(state)  # no `_orig_mod.` prefixes
     assert Regression.evaluate(task, model)["mse"] == pytest.approx(final["eval/mse"], rel=1e-4)
+
+
+def test_compile_without_a_compiler_inductor_can_use_trains_uncompiled(monkeypatch, capsys):
+    """Asked before training: a CPU run with no C++ compiler inductor's search can find is told
+    why and left eager, rather than failing at its first step."""
+    from torch._inductor import config as inductor
+
+    cpu = torch.device("cpu")
+    assert compile_blocker(cpu) is None  # this machine's g++
+    monkeypatch.setattr(inductor.cpp, "cxx", ("mmflow-no-such-cxx",))
+    assert "C++ compiler" in compile_blocker(cpu)
+    model = torch.nn.Linear(2, 1)
+    _compile(model, 0, cpu)
+    assert model._compiled_call_impl is None
+    assert "compile: no C++ compiler" in capsys.readouterr().out
 
 
 def test_config_validation(tmp_path):
