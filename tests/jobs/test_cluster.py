@@ -173,6 +173,10 @@ def test_tasks_and_workers_spread_over_both_nodes_and_training_outlives_one(
 
     man = job.plan.manifest("clip_train")
     assert man["outputs"]["model"]["steps"] == 40
+    # rank 0's last step is in the job's log before the stage's summary (its sync line)
+    last = re.search(r"^\[clip_train\] 40/40 steps \(100%\)", job.log, re.M)
+    summary = job.log.index("[mmflow] clip_train: committed")
+    assert last and last.start() < summary, job.log[-4000:]
     resumed = re.search(r"resumed from \S+step_(\d{8}) \(step (\d+)\)", job.log)
     assert resumed and int(resumed.group(1)) == int(resumed.group(2)), job.log[-4000:]
     client = MlflowClient(tracking)
