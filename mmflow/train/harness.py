@@ -46,6 +46,8 @@ from mmflow.train.checkpoints import Checkpoints
 from mmflow.train.config import TrainConfig, TrainTask
 from mmflow.train.reporting import StepProgress, Tracker, Window, note_start
 
+SYNC_KEY = "_sync"  # rank 0's sync token in the loop's return value, taken out by fit
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -115,9 +117,7 @@ def fit(
         ),
         datasets=datasets,
     )
-    final = dict(trainer.fit().return_value or {})
-    wait_for_sync(config["fit_id"])  # rank 0's last progress shown before the stage ends
-    return final
+    return _synced(dict(trainer.fit().return_value or {}))
 
 
 def _fit_alone(
@@ -146,12 +146,19 @@ def _fit_alone(
         max_retries=cfg.max_failures,
         retry_exceptions=True,
     )
-    final = ray.get(run.remote(config, datasets, res.gpus > 0))
-    wait_for_sync(config["fit_id"])  # the loop's last progress shown before the stage ends
+    return _synced(ray.get(run.remote(config, datasets, res.gpus > 0)))
+
+
+def _synced(final: dict[str, Any]) -> dict[str, float]:
+    """The final metrics, once rank 0's last progress has been shown (its attempt's sync line,
+    see ``_worker_loop``)."""
+    token = final.pop(SYNC_KEY, None)
+    if token:
+        wait_for_sync(token)
     return final
 
 
-def _alone(config: dict[str, Any], datasets: dict[str, Any] | None, gpus: bool) -> dict[str, float]:
+def _alone(config: dict[str, Any], datasets: dict[str, Any] | None, gpus: bool) -> dict[str, Any]:
     """In the task: a one-process torch.distributed group (gloo, or nccl on a GPU, set up by
     Ray Train's local mode from this environment), then the worker loop."""
     import socket
@@ -194,7 +201,7 @@ def absolute_tracking_uri(uri: str) -> str:
 # --- the worker side ----------------------------------------------------------------------------
 
 
-def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
+def _worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
     import torch
@@ -260,9 +267,13 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, float] | None:
     final.update({f"data/{k}": float(v) for k, v in counters.items()})
     _ray_report(final, step)  # after the upload: a barrier, so no rank returns before it is done
     progress.at(step, last.get("train/loss"), final=True)
-    if rank == 0:  # after everything this attempt printed; a failed attempt sends none
-        send_sync(config["fit_id"])
-    return final if rank == 0 else None
+    if rank != 0:
+        return None
+    # After everything this attempt printed, a token of its own: a retry after a late failure
+    # is not taken as seen by an earlier attempt's line.
+    token = uuid.uuid4().hex
+    send_sync(token)
+    return {**final, SYNC_KEY: token}
 
 
 def _compile(model: nn.Module, rank: int, device) -> None:
@@ -282,11 +293,14 @@ def _compile(model: nn.Module, rank: int, device) -> None:
 def compile_blocker(device) -> str | None:
     """Why inductor could not build kernels for ``device``, or None: GPU kernels need Triton,
     CPU kernels the C++ compiler inductor's own search finds (``torch._inductor.config.cpp.cxx``,
-    ``$CXX``), asked up front rather than failing at the first step."""
+    ``$CXX``), asked up front rather than failing at the first step. It finds that a compiler
+    runs, not that it can build (headers and all): that, torch.compile reports itself."""
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "no Triton for GPU kernels (pip install triton)"
+        return None if has_triton() else "no usable Triton for GPU kernels"
+    if device.type != "cpu":  # another accelerator's backend: torch.compile decides
+        return None
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
     except ImportError:  # inductor moved it: let torch.compile decide at the first step
