@@ -117,7 +117,7 @@ def fit(
         ),
         datasets=datasets,
     )
-    return _synced(dict(trainer.fit().return_value or {}))
+    return _after_sync(dict(trainer.fit().return_value or {}))
 
 
 def _fit_alone(
@@ -146,10 +146,10 @@ def _fit_alone(
         max_retries=cfg.max_failures,
         retry_exceptions=True,
     )
-    return _synced(ray.get(run.remote(config, datasets, res.gpus > 0)))
+    return _after_sync(ray.get(run.remote(config, datasets, res.gpus > 0)))
 
 
-def _synced(final: dict[str, Any]) -> dict[str, float]:
+def _after_sync(final: dict[str, Any]) -> dict[str, float]:
     """The final metrics, once rank 0's last progress has been shown (its attempt's sync line,
     see ``_worker_loop``)."""
     token = final.pop(SYNC_KEY, None)
